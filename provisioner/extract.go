@@ -1,0 +1,378 @@
+package provisioner
+
+import (
+	"archive/zip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/spf13/afero"
+	"golang.org/x/sync/errgroup"
+	"k8s.io/klog/v2"
+
+	"github.com/oneagent-csi/oneagent-csi/storage"
+)
+
+// Limits bound what an archive may expand to, against zip bombs and disk
+// exhaustion. Zero fields take the defaults.
+type Limits struct {
+	// MaxBytes caps the total extracted size. Default 8 GiB.
+	MaxBytes int64 `json:"maxBytes,omitempty"`
+	// MaxEntries caps the number of entries. Default 100000.
+	MaxEntries int `json:"maxEntries,omitempty"`
+	// MaxRatio caps the expansion ratio (extracted / compressed) of the whole
+	// archive and of every entry above 1 MiB. Default 100.
+	MaxRatio float64 `json:"maxRatio,omitempty"`
+}
+
+func (l *Limits) defaults() {
+	if l.MaxBytes == 0 {
+		l.MaxBytes = 8 << 30
+	}
+	if l.MaxEntries == 0 {
+		l.MaxEntries = 100000
+	}
+	if l.MaxRatio == 0 {
+		l.MaxRatio = 100
+	}
+}
+
+// ratioCheckMin is the entry size above which the per-entry ratio is checked:
+// small files of repeated bytes legitimately compress very well.
+const ratioCheckMin = 1 << 20
+
+// Extraction is what Extract produced.
+type Extraction struct {
+	Entries []storage.ManifestEntry
+	Size    int64
+	Files   int
+}
+
+type plannedEntry struct {
+	f    *zip.File
+	name string // cleaned, slash-separated, relative
+	kind string // file | dir | symlink
+	link string
+}
+
+func badArchive(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", ErrBadArchive, fmt.Sprintf(format, a...))
+}
+
+// Extract unpacks the ZIP at zipPath into destDir (both on fsys, destDir must
+// not exist yet) and returns the manifest entries. Every entry is checked
+// before anything is written: no absolute paths, no "..", no device files or
+// pipes, symlinks must stay inside the tree and no entry may pass through a
+// symlink; limits are enforced on declared and on actual sizes. Files are
+// extracted by workers in parallel. On error the caller removes destDir.
+func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, limits Limits, workers int) (Extraction, error) {
+	limits.defaults()
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	var out Extraction
+	zf, err := fsys.Open(zipPath)
+	if err != nil {
+		return out, err
+	}
+	defer zf.Close()
+	st, err := zf.Stat()
+	if err != nil {
+		return out, err
+	}
+	zr, err := zip.NewReader(zf, st.Size())
+	if err != nil {
+		return out, badArchive("%v", err)
+	}
+	plan, err := planExtraction(zr, st.Size(), limits)
+	if err != nil {
+		return out, err
+	}
+	if err := fsys.Mkdir(destDir, 0o755); err != nil {
+		return out, err
+	}
+	entries := make([]storage.ManifestEntry, len(plan))
+	var files []int
+	for i, p := range plan {
+		switch p.kind {
+		case "dir":
+			if err := fsys.MkdirAll(filepath.Join(destDir, filepath.FromSlash(p.name)), 0o755); err != nil {
+				return out, err
+			}
+			entries[i] = storage.ManifestEntry{Path: p.name, Type: "dir", Mode: 0o755}
+		case "file":
+			if err := fsys.MkdirAll(filepath.Join(destDir, filepath.FromSlash(path.Dir(p.name))), 0o755); err != nil {
+				return out, err
+			}
+			files = append(files, i)
+		}
+	}
+
+	var total atomic.Int64
+	var done atomic.Int64
+	g, gctx := errgroup.WithContext(ctx)
+	work := make(chan int)
+	g.Go(func() error {
+		defer close(work)
+		for _, i := range files {
+			select {
+			case work <- i:
+			case <-gctx.Done():
+				return gctx.Err()
+			}
+		}
+		return nil
+	})
+	stopProgress := logExtractProgress(ctx, &done, len(files))
+	for range workers {
+		g.Go(func() error {
+			buf := make([]byte, 64<<10)
+			for i := range work {
+				p := plan[i]
+				e, err := extractFile(gctx, fsys, destDir, p, buf, &total, limits.MaxBytes)
+				if err != nil {
+					return err
+				}
+				entries[i] = e
+				done.Add(1)
+			}
+			return nil
+		})
+	}
+	err = g.Wait()
+	stopProgress()
+	if err != nil {
+		return out, err
+	}
+	linker, canLink := fsys.(afero.Linker)
+	for i, p := range plan {
+		if p.kind != "symlink" {
+			continue
+		}
+		if !canLink {
+			return out, fmt.Errorf("extract %s: filesystem cannot create symlinks", p.name)
+		}
+		dst := filepath.Join(destDir, filepath.FromSlash(p.name))
+		if err := fsys.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return out, err
+		}
+		if err := linker.SymlinkIfPossible(p.link, dst); err != nil {
+			return out, fmt.Errorf("extract %s: %w", p.name, err)
+		}
+		entries[i] = storage.ManifestEntry{Path: p.name, Type: "symlink", Link: p.link}
+	}
+	out.Entries, out.Size, out.Files = entries, total.Load(), len(files)
+	return out, nil
+}
+
+func logExtractProgress(ctx context.Context, done *atomic.Int64, total int) func() {
+	stop := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		t := time.NewTicker(5 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				n := done.Load()
+				klog.FromContext(ctx).Info("extracting", "files", n, "total", total, "percent", fmt.Sprintf("%.0f", 100*float64(n)/float64(max(total, 1))))
+			}
+		}
+	}()
+	return func() { close(stop); <-finished }
+}
+
+// planExtraction validates every entry and returns the entries to create,
+// sorted by path.
+func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntry, error) {
+	if len(zr.File) > limits.MaxEntries {
+		return nil, badArchive("%d entries exceed the limit of %d", len(zr.File), limits.MaxEntries)
+	}
+	var declared uint64
+	plan := make([]plannedEntry, 0, len(zr.File))
+	seen := make(map[string]string, len(zr.File))
+	for _, f := range zr.File {
+		name, err := cleanEntryName(f.Name)
+		if err != nil {
+			return nil, err
+		}
+		if name == "" {
+			continue // the archive root itself
+		}
+		mode := f.Mode()
+		p := plannedEntry{f: f, name: name}
+		switch {
+		case mode.IsDir():
+			p.kind = "dir"
+		case mode&fs.ModeSymlink != 0:
+			p.kind = "symlink"
+			target, err := readLink(f)
+			if err != nil {
+				return nil, err
+			}
+			if path.IsAbs(target) || strings.Contains(target, "\\") || strings.ContainsRune(target, 0) {
+				return nil, badArchive("symlink %s -> %s points outside the artifact", name, target)
+			}
+			resolved := path.Clean(path.Join(path.Dir(name), target))
+			if resolved == ".." || strings.HasPrefix(resolved, "../") {
+				return nil, badArchive("symlink %s -> %s points outside the artifact", name, target)
+			}
+			p.link = target
+		case mode.IsRegular():
+			p.kind = "file"
+			declared += f.UncompressedSize64
+			if f.UncompressedSize64 > ratioCheckMin && float64(f.UncompressedSize64) > limits.MaxRatio*float64(max(f.CompressedSize64, 1)) {
+				return nil, badArchive("entry %s expands %d -> %d bytes, more than the ratio limit %.0f", name, f.CompressedSize64, f.UncompressedSize64, limits.MaxRatio)
+			}
+		default:
+			return nil, badArchive("entry %s has unsupported type %s (devices, pipes and sockets are refused)", name, mode.Type())
+		}
+		if prev, dup := seen[name]; dup && !(prev == "dir" && p.kind == "dir") {
+			return nil, badArchive("entry %s appears twice", name)
+		}
+		seen[name] = p.kind
+		plan = append(plan, p)
+	}
+	if declared > uint64(limits.MaxBytes) {
+		return nil, badArchive("declared size %d exceeds the limit of %d bytes", declared, limits.MaxBytes)
+	}
+	if zipSize > 0 && float64(declared) > limits.MaxRatio*float64(zipSize) {
+		return nil, badArchive("archive expands %d -> %d bytes, more than the ratio limit %.0f", zipSize, declared, limits.MaxRatio)
+	}
+	// No entry may be written through a symlink, and nothing may be both a
+	// file and a directory.
+	for _, p := range plan {
+		for dir := path.Dir(p.name); dir != "."; dir = path.Dir(dir) {
+			switch seen[dir] {
+			case "symlink":
+				return nil, badArchive("entry %s lies below symlink %s", p.name, dir)
+			case "file":
+				return nil, badArchive("entry %s lies below file %s", p.name, dir)
+			}
+		}
+	}
+	sort.Slice(plan, func(i, j int) bool { return plan[i].name < plan[j].name })
+	return plan, nil
+}
+
+// cleanEntryName returns the entry's path relative to the artifact root, or
+// an error when it is absolute or climbs out.
+func cleanEntryName(name string) (string, error) {
+	if strings.ContainsRune(name, 0) || strings.Contains(name, "\\") {
+		return "", badArchive("entry name %q has a NUL or backslash", name)
+	}
+	if path.IsAbs(name) || (len(name) >= 2 && name[1] == ':') {
+		return "", badArchive("entry %q has an absolute path", name)
+	}
+	for _, part := range strings.Split(name, "/") {
+		if part == ".." {
+			return "", badArchive("entry %q climbs out with ..", name)
+		}
+	}
+	clean := path.Clean(name)
+	if clean == "." {
+		return "", nil
+	}
+	if clean == storageManifestName || clean == storageLayerInfoName {
+		return "", badArchive("entry %q uses a name reserved for oneagent-csi", name)
+	}
+	return clean, nil
+}
+
+var (
+	storageManifestName  = storage.Layout{}.ManifestName()
+	storageLayerInfoName = storage.Layout{}.LayerInfoName()
+)
+
+func readLink(f *zip.File) (string, error) {
+	if f.UncompressedSize64 > 4096 {
+		return "", badArchive("symlink %s target is %d bytes", f.Name, f.UncompressedSize64)
+	}
+	r, err := f.Open()
+	if err != nil {
+		return "", badArchive("symlink %s: %v", f.Name, err)
+	}
+	defer r.Close()
+	b, err := io.ReadAll(io.LimitReader(r, 4097))
+	if err != nil {
+		return "", badArchive("symlink %s: %v", f.Name, err)
+	}
+	if len(b) == 0 || len(b) > 4096 {
+		return "", badArchive("symlink %s has an empty or too long target", f.Name)
+	}
+	return string(b), nil
+}
+
+func extractFile(ctx context.Context, fsys afero.Fs, destDir string, p plannedEntry, buf []byte, total *atomic.Int64, maxBytes int64) (storage.ManifestEntry, error) {
+	if err := ctx.Err(); err != nil {
+		return storage.ManifestEntry{}, err
+	}
+	perm := os.FileMode(0o644)
+	if p.f.Mode()&0o111 != 0 {
+		perm = 0o755
+	}
+	r, err := p.f.Open()
+	if err != nil {
+		return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
+	}
+	defer r.Close()
+	dst := filepath.Join(destDir, filepath.FromSlash(p.name))
+	f, err := fsys.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if err != nil {
+		return storage.ManifestEntry{}, fmt.Errorf("extract %s: %w", p.name, err)
+	}
+	w := newWriteBehind(f)
+	h := sha256.New()
+	// Read at most one byte more than declared: a lying header is caught
+	// without writing an unbounded stream.
+	limited := io.LimitReader(r, int64(p.f.UncompressedSize64)+1)
+	n, err := io.CopyBuffer(io.MultiWriter(w, h), countingReader{limited, total, maxBytes}, buf)
+	cerr := w.Close()
+	switch {
+	case errors.Is(err, zip.ErrChecksum), errors.Is(err, zip.ErrFormat), errors.Is(err, io.ErrUnexpectedEOF):
+		return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
+	case errors.Is(err, ErrBadArchive):
+		return storage.ManifestEntry{}, err
+	case err != nil:
+		return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
+	case cerr != nil:
+		return storage.ManifestEntry{}, fmt.Errorf("extract %s: %w", p.name, cerr)
+	case uint64(n) != p.f.UncompressedSize64:
+		return storage.ManifestEntry{}, badArchive("entry %s has %d bytes, header says %d", p.name, n, p.f.UncompressedSize64)
+	}
+	if err := fsys.Chmod(dst, perm); err != nil { // umask-independent
+		return storage.ManifestEntry{}, err
+	}
+	return storage.ManifestEntry{Path: p.name, Type: "file", Mode: uint32(perm), Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+}
+
+// countingReader adds what it reads to a shared total and fails once the
+// total passes the limit.
+type countingReader struct {
+	r     io.Reader
+	total *atomic.Int64
+	limit int64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if c.total.Add(int64(n)) > c.limit {
+		return n, badArchive("extracted size exceeds the limit of %d bytes", c.limit)
+	}
+	return n, err
+}

@@ -1,0 +1,177 @@
+package provisioner
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/spf13/afero"
+	"golang.org/x/sync/singleflight"
+	"k8s.io/klog/v2"
+
+	"github.com/oneagent-csi/oneagent-csi/storage"
+)
+
+// ruxitConfPath is the file of a code module the tenant layer overrides.
+const ruxitConfPath = "agent/conf/ruxitagentproc.conf"
+
+// processModuleConfig returns the tenant's processmoduleconfig, cached for
+// ConfigTTL; when the tenant cannot be asked, a stale copy is used.
+func (p *Provisioner) processModuleConfig(ctx context.Context, c *Client) (ProcessModuleConfig, error) {
+	tenant := c.Tenant().Name
+	now := p.opts.Now()
+	p.mu.Lock()
+	cached, ok := p.configs[tenant]
+	p.mu.Unlock()
+	if ok && now.Sub(cached.at) < p.opts.ConfigTTL {
+		return cached.pmc, nil
+	}
+	ch := p.group.DoChan("pmc/"+tenant, func() (any, error) {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+		defer cancel()
+		return c.ProcessModuleConfig(cctx)
+	})
+	var res singleflight.Result
+	select {
+	case res = <-ch:
+	case <-ctx.Done():
+		res.Err = fmt.Errorf("tenant %q: processmoduleconfig: %w", tenant, ctx.Err())
+	}
+	if res.Err != nil {
+		if ok {
+			klog.FromContext(ctx).Info("using the last processmoduleconfig, tenant did not answer", "tenant", tenant, "err", res.Err)
+			return cached.pmc, nil
+		}
+		return ProcessModuleConfig{}, res.Err
+	}
+	pmc := res.Val.(ProcessModuleConfig)
+	p.mu.Lock()
+	p.configs[tenant] = cachedConfig{pmc: pmc, at: now}
+	p.mu.Unlock()
+	return pmc, nil
+}
+
+// layerRev names a layer by the tenant's config revision and a digest of
+// everything that goes into it, so a layer dir never changes once written.
+func layerRev(pmc ProcessModuleConfig, artifactID string) string {
+	props := append([]Property(nil), pmc.Properties...)
+	sort.SliceStable(props, func(i, j int) bool {
+		if props[i].Section != props[j].Section {
+			return props[i].Section < props[j].Section
+		}
+		return props[i].Key < props[j].Key
+	})
+	h := sha256.New()
+	h.Write([]byte(artifactID))
+	_ = json.NewEncoder(h).Encode(props)
+	return "r" + strconv.FormatInt(pmc.Revision, 10) + "-" + hex.EncodeToString(h.Sum(nil))[:16]
+}
+
+// EnsureLayer returns the tenant's config layer for artifact: the artifact's
+// ruxitagentproc.conf merged with the tenant's processmoduleconfig, written
+// once to tenants/<tenant>/<rev>/. When the tenant cannot be asked and no
+// config is cached, the newest existing layer for this artifact is used.
+func (p *Provisioner) EnsureLayer(ctx context.Context, tenant string, a storage.Artifact) (storage.TenantLayer, error) {
+	c, err := p.client(tenant)
+	if err != nil {
+		return storage.TenantLayer{}, err
+	}
+	pmc, err := p.processModuleConfig(ctx, c)
+	if err != nil {
+		if lay, ok := p.newestLayer(tenant, a.ID); ok {
+			klog.FromContext(ctx).Info("using the newest existing tenant layer, tenant did not answer", "tenant", tenant, "rev", lay.Rev, "err", err)
+			return lay, nil
+		}
+		return storage.TenantLayer{}, err
+	}
+	rev := layerRev(pmc, a.ID)
+	if lay, err := p.opts.Index.GetLayer(tenant, rev); err == nil {
+		if _, serr := p.opts.Fs.Stat(p.opts.Layout.LayerInfoPath(tenant, rev)); serr == nil {
+			return lay, nil
+		}
+	}
+	v, err, _ := p.group.Do("layer/"+tenant+"/"+rev, func() (any, error) {
+		return p.writeLayer(tenant, rev, a, pmc)
+	})
+	if err != nil {
+		return storage.TenantLayer{}, err
+	}
+	return v.(storage.TenantLayer), nil
+}
+
+func (p *Provisioner) newestLayer(tenant, artifactID string) (storage.TenantLayer, bool) {
+	layers, err := p.opts.Index.ListLayers()
+	if err != nil {
+		return storage.TenantLayer{}, false
+	}
+	var best storage.TenantLayer
+	found := false
+	for _, l := range layers {
+		if l.Tenant == tenant && l.ArtifactID == artifactID && (!found || l.CreatedAt.After(best.CreatedAt)) {
+			best, found = l, true
+		}
+	}
+	return best, found
+}
+
+func (p *Provisioner) writeLayer(tenant, rev string, a storage.Artifact, pmc ProcessModuleConfig) (storage.TenantLayer, error) {
+	l, fs := p.opts.Layout, p.opts.Fs
+	lay := storage.TenantLayer{Tenant: tenant, Rev: rev, ArtifactID: a.ID, Revision: pmc.Revision, CreatedAt: p.opts.Now()}
+	if existing, err := storage.ReadLayerInfo(fs, l, tenant, rev); err == nil {
+		return existing, p.opts.Index.PutLayer(existing)
+	}
+	base, err := afero.ReadFile(fs, filepath.Join(l.Artifact(a.ID), ruxitConfPath))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return lay, fmt.Errorf("read %s of artifact %s: %w", ruxitConfPath, a.ID, err)
+	}
+	merged := MergeRuxitAgentProcConf(base, pmc.Properties)
+	stage := l.TmpEntry(randomName("layer-"))
+	defer func() { _ = fs.RemoveAll(stage) }()
+	if err := fs.MkdirAll(filepath.Join(stage, filepath.Dir(ruxitConfPath)), 0o755); err != nil {
+		return lay, err
+	}
+	if err := writeFileSync(fs, filepath.Join(stage, ruxitConfPath), merged, 0o644); err != nil {
+		return lay, err
+	}
+	info, err := json.Marshal(lay)
+	if err != nil {
+		return lay, err
+	}
+	if err := writeFileSync(fs, filepath.Join(stage, l.LayerInfoName()), info, 0o644); err != nil {
+		return lay, err
+	}
+	if err := fs.MkdirAll(filepath.Dir(l.TenantLayer(tenant, rev)), 0o755); err != nil {
+		return lay, err
+	}
+	if err := fs.Rename(stage, l.TenantLayer(tenant, rev)); err != nil {
+		if existing, rerr := storage.ReadLayerInfo(fs, l, tenant, rev); rerr == nil {
+			return existing, p.opts.Index.PutLayer(existing)
+		}
+		return lay, fmt.Errorf("install tenant layer %s/%s: %w", tenant, rev, err)
+	}
+	return lay, p.opts.Index.PutLayer(lay)
+}
+
+func writeFileSync(fs afero.Fs, path string, data []byte, perm os.FileMode) error {
+	f, err := fs.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		_ = f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return f.Close()
+}

@@ -1,0 +1,523 @@
+package provisioner
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/afero"
+	"golang.org/x/sync/singleflight"
+	"k8s.io/klog/v2"
+
+	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/storage"
+)
+
+// Options configure a Provisioner. Zero fields take the documented defaults.
+type Options struct {
+	// Layout of the data dir. Required.
+	Layout storage.Layout
+	// Index is the open bbolt index. Required.
+	Index *storage.Index
+	// Fs is rooted at the data dir. Default: afero.NewBasePathFs(OsFs, Layout.Root()),
+	// so nothing can be written outside the data dir.
+	Fs afero.Fs
+	// Tenants are the configured tenants. Names must be unique DNS-1035 labels.
+	Tenants []Tenant
+	// Client tunes the tenant clients (timeouts, retries).
+	Client ClientOptions
+	// Arch is the code module architecture asked for. Default: x86 on amd64,
+	// arm on arm64, else GOARCH.
+	Arch string
+	// DownloadTimeout bounds one whole install (download + extraction) on its
+	// own context, detached from the callers that wait for it. Default 30m.
+	DownloadTimeout time.Duration
+	// DownloadAttempts is how often an install is tried when the body breaks
+	// off, is truncated or corrupt. Default 3.
+	DownloadAttempts int
+	// LatestTTL is how long a resolution of "latest" is reused, so that a burst
+	// of pods costs one metainfo call. Default 5m.
+	LatestTTL time.Duration
+	// ConfigTTL is how long a tenant's processmoduleconfig is reused. Default 5m.
+	ConfigTTL time.Duration
+	// Limits bound extraction (see Limits for defaults).
+	Limits Limits
+	// ExtractWorkers is the number of files extracted in parallel. Default GOMAXPROCS.
+	ExtractWorkers int
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// Registerer receives the provisioner's metrics. Default: none.
+	Registerer prometheus.Registerer
+}
+
+func (o *Options) defaults() {
+	if o.Fs == nil {
+		o.Fs = afero.NewBasePathFs(afero.NewOsFs(), o.Layout.Root())
+	}
+	if o.Arch == "" {
+		o.Arch = DefaultArch()
+	}
+	if o.DownloadTimeout == 0 {
+		o.DownloadTimeout = 30 * time.Minute
+	}
+	if o.DownloadAttempts == 0 {
+		o.DownloadAttempts = 3
+	}
+	if o.LatestTTL == 0 {
+		o.LatestTTL = 5 * time.Minute
+	}
+	if o.ConfigTTL == 0 {
+		o.ConfigTTL = 5 * time.Minute
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	o.Limits.defaults()
+}
+
+// DefaultArch maps GOARCH to the tenant API's arch parameter.
+func DefaultArch() string {
+	switch runtime.GOARCH {
+	case "amd64":
+		return "x86"
+	case "arm64":
+		return "arm"
+	case "ppc64le":
+		return "ppcle"
+	}
+	return runtime.GOARCH
+}
+
+// Provisioner makes artifacts and tenant layers present. Safe for concurrent use.
+type Provisioner struct {
+	opts    Options
+	clients map[string]*Client
+	group   singleflight.Group
+	metrics *metrics
+
+	mu      sync.Mutex
+	latest  map[string]cachedVersion
+	configs map[string]cachedConfig
+}
+
+type cachedVersion struct {
+	version string
+	at      time.Time
+}
+
+type cachedConfig struct {
+	pmc ProcessModuleConfig
+	at  time.Time
+}
+
+// New validates the options and builds a Provisioner.
+func New(opts Options) (*Provisioner, error) {
+	opts.defaults()
+	if opts.Index == nil {
+		return nil, errors.New("provisioner: Index is required")
+	}
+	p := &Provisioner{opts: opts, clients: map[string]*Client{}, latest: map[string]cachedVersion{},
+		configs: map[string]cachedConfig{}, metrics: newMetrics(opts.Registerer)}
+	for i, t := range opts.Tenants {
+		if !api.ValidTenantName(t.Name) {
+			return nil, fmt.Errorf("tenants[%d].name %q: must be a DNS-1035 label", i, t.Name)
+		}
+		if _, dup := p.clients[t.Name]; dup {
+			return nil, fmt.Errorf("tenants[%d].name %q: duplicate", i, t.Name)
+		}
+		if t.Version == "" {
+			t.Version = "latest"
+		}
+		if t.Version != "latest" && !api.ValidVersion(t.Version) {
+			return nil, fmt.Errorf("tenants[%d].version %q: must be latest or a version like 1.311.72.20250410-123003", i, t.Version)
+		}
+		switch t.Flavor {
+		case "":
+			t.Flavor = "default"
+		case "default", "multidistro", "musl":
+		default:
+			return nil, fmt.Errorf("tenants[%d].flavor %q: must be default, multidistro or musl", i, t.Flavor)
+		}
+		c, err := NewClient(t, opts.Client)
+		if err != nil {
+			return nil, fmt.Errorf("tenants[%d]: %w", i, err)
+		}
+		p.clients[t.Name] = c
+	}
+	return p, nil
+}
+
+// TenantNames lists the configured tenants, sorted.
+func (p *Provisioner) TenantNames() []string {
+	names := make([]string, 0, len(p.clients))
+	for n := range p.clients {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// DefaultTenant is the tenant a volume without a tenant attribute gets: the
+// only configured tenant, or "" when there are several.
+func (p *Provisioner) DefaultTenant() string {
+	if len(p.clients) == 1 {
+		for n := range p.clients {
+			return n
+		}
+	}
+	return ""
+}
+
+func (p *Provisioner) client(tenant string) (*Client, error) {
+	c, ok := p.clients[tenant]
+	if !ok {
+		return nil, fmt.Errorf("tenant %q is not configured: %w", tenant, ErrUnknownTenant)
+	}
+	return c, nil
+}
+
+// Prepared is what an app volume mounts.
+type Prepared struct {
+	Tenant   string
+	Version  string
+	Artifact storage.Artifact
+	Layer    storage.TenantLayer
+}
+
+// Prepare resolves the version for tenant (pin overrides the tenant's
+// configured version), makes the artifact and the tenant layer present and
+// returns them. It waits for a running download only until ctx ends and then
+// returns an error wrapping ErrInProgress; the download goes on.
+func (p *Provisioner) Prepare(ctx context.Context, tenant, pin string) (Prepared, error) {
+	out := Prepared{Tenant: tenant}
+	v, err := p.ResolveVersion(ctx, tenant, pin)
+	if err != nil {
+		return out, err
+	}
+	out.Version = v
+	if out.Artifact, err = p.EnsureArtifact(ctx, tenant, v); err != nil {
+		return out, err
+	}
+	if out.Layer, err = p.EnsureLayer(ctx, tenant, out.Artifact); err != nil {
+		return out, err
+	}
+	return out, nil
+}
+
+// ResolveVersion returns pin if it is a version, the tenant's pinned version,
+// or the tenant's latest version (cached for LatestTTL; on a tenant error the
+// last known resolution is used, so a tenant outage does not stop pods that
+// can be served from the cache).
+func (p *Provisioner) ResolveVersion(ctx context.Context, tenant, pin string) (string, error) {
+	c, err := p.client(tenant)
+	if err != nil {
+		return "", err
+	}
+	if pin != "" && pin != "latest" {
+		return pin, nil
+	}
+	if v := c.Tenant().Version; v != "latest" {
+		return v, nil
+	}
+	now := p.opts.Now()
+	p.mu.Lock()
+	cached, ok := p.latest[tenant]
+	p.mu.Unlock()
+	if ok && now.Sub(cached.at) < p.opts.LatestTTL {
+		return cached.version, nil
+	}
+	ch := p.group.DoChan("latest/"+tenant, func() (any, error) {
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+		defer cancel()
+		return c.LatestVersion(lctx)
+	})
+	var res singleflight.Result
+	select {
+	case res = <-ch:
+	case <-ctx.Done():
+		res.Err = fmt.Errorf("tenant %q: resolving latest version: %w", tenant, ctx.Err())
+	}
+	if res.Err != nil {
+		if ok {
+			klog.FromContext(ctx).Info("using the last known latest version, tenant did not answer", "tenant", tenant, "version", cached.version, "err", res.Err)
+			return cached.version, nil
+		}
+		if r, ierr := p.opts.Index.GetResolution(tenant); ierr == nil {
+			klog.FromContext(ctx).Info("using the recorded latest version, tenant did not answer", "tenant", tenant, "version", r.Version, "err", res.Err)
+			return r.Version, nil
+		}
+		return "", res.Err
+	}
+	v := res.Val.(string)
+	if !api.ValidVersion(v) {
+		return "", fmt.Errorf("tenant %q: latest version %q is not a version", tenant, v)
+	}
+	p.mu.Lock()
+	prev := p.latest[tenant]
+	p.latest[tenant] = cachedVersion{version: v, at: now}
+	p.mu.Unlock()
+	if prev.version != v {
+		if err := p.opts.Index.PutResolution(storage.Resolution{Tenant: tenant, Version: v, ResolvedAt: now}); err != nil {
+			klog.FromContext(ctx).Error(err, "recording latest version", "tenant", tenant)
+		}
+	}
+	return v, nil
+}
+
+// artifactKey is what a tenant's version maps to on disk.
+func (p *Provisioner) artifactKey(c *Client, version string) storage.ArtifactKey {
+	return storage.ArtifactKey{Version: version, Flavor: c.Tenant().Flavor, Arch: p.opts.Arch}
+}
+
+// Cached returns the installed artifact for tenant's version, or an error
+// wrapping storage.ErrNotFound.
+func (p *Provisioner) Cached(tenant, version string) (storage.Artifact, error) {
+	c, err := p.client(tenant)
+	if err != nil {
+		return storage.Artifact{}, err
+	}
+	return p.cached(p.artifactKey(c, version))
+}
+
+func (p *Provisioner) cached(key storage.ArtifactKey) (storage.Artifact, error) {
+	a, err := p.opts.Index.LookupArtifact(key)
+	if err != nil {
+		return a, err
+	}
+	if _, err := p.opts.Fs.Stat(p.opts.Layout.ArtifactManifest(a.ID)); err != nil {
+		return a, fmt.Errorf("artifact %s is indexed but missing on disk: %w", a.ID, storage.ErrNotFound)
+	}
+	return a, nil
+}
+
+// EnsureArtifact returns the installed artifact of tenant's version,
+// downloading it first if needed. However many callers ask at once, one
+// download runs, on its own context bounded by DownloadTimeout; a caller
+// whose ctx ends first gets an error wrapping ErrInProgress.
+func (p *Provisioner) EnsureArtifact(ctx context.Context, tenant, version string) (storage.Artifact, error) {
+	c, err := p.client(tenant)
+	if err != nil {
+		return storage.Artifact{}, err
+	}
+	key := p.artifactKey(c, version)
+	if a, err := p.cached(key); err == nil {
+		_ = p.opts.Index.TouchArtifact(a.ID, p.opts.Now())
+		return a, nil
+	}
+	ch := p.group.DoChan("artifact/"+key.String(), func() (any, error) {
+		// Check again: a download that just finished is not waited for twice.
+		if a, err := p.cached(key); err == nil {
+			return a, nil
+		}
+		ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.opts.DownloadTimeout)
+		defer cancel()
+		ictx = klog.NewContext(ictx, klog.FromContext(ctx).WithValues("tenant", tenant, "version", version))
+		return p.install(ictx, c, key)
+	})
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			return storage.Artifact{}, res.Err
+		}
+		return res.Val.(storage.Artifact), nil
+	case <-ctx.Done():
+		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: %w", tenant, version, ErrInProgress)
+	}
+}
+
+func (p *Provisioner) install(ctx context.Context, c *Client, key storage.ArtifactKey) (storage.Artifact, error) {
+	log := klog.FromContext(ctx)
+	start := p.opts.Now()
+	var lastErr error
+	for attempt := 1; attempt <= p.opts.DownloadAttempts; attempt++ {
+		a, err := p.installOnce(ctx, c, key)
+		if err == nil {
+			p.metrics.downloads.WithLabelValues("ok").Inc()
+			p.metrics.downloadSeconds.Observe(p.opts.Now().Sub(start).Seconds())
+			return a, nil
+		}
+		lastErr = err
+		p.metrics.downloads.WithLabelValues(failureCause(err)).Inc()
+		if IsPermanent(err) || ctx.Err() != nil || attempt == p.opts.DownloadAttempts {
+			break
+		}
+		wait := Backoff(c.opts.BackoffBase, c.opts.BackoffMax, attempt)
+		log.Info("install failed, retrying", "attempt", attempt, "wait", wait, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+	}
+	log.Error(lastErr, "install failed")
+	return storage.Artifact{}, lastErr
+}
+
+func failureCause(err error) string {
+	switch {
+	case errors.Is(err, ErrUnauthorized):
+		return "unauthorized"
+	case errors.Is(err, ErrNotFound):
+		return "not_found"
+	case errors.Is(err, ErrBadArchive):
+		return "bad_archive"
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		return "timeout"
+	case errors.Is(err, ErrUnavailable):
+		return "unavailable"
+	}
+	return "other"
+}
+
+func randomName(prefix string) string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return prefix + hex.EncodeToString(b[:])
+}
+
+// installOnce downloads the ZIP into tmp/, extracts it next to it, writes the
+// manifest and renames the tree into artifacts/<sha256 of the ZIP>. Whatever
+// fails, tmp/ is left clean.
+func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.ArtifactKey) (storage.Artifact, error) {
+	l, fs := p.opts.Layout, p.opts.Fs
+	log := klog.FromContext(ctx)
+	base := randomName("install-")
+	zipPath, treePath := l.TmpEntry(base+".zip"), l.TmpEntry(base+".d")
+	defer func() {
+		_ = fs.Remove(zipPath)
+		_ = fs.RemoveAll(treePath)
+	}()
+
+	dlStart := p.opts.Now()
+	zipSize, digest, err := p.download(ctx, c, key, zipPath)
+	if err != nil {
+		return storage.Artifact{}, err
+	}
+	dlTime := p.opts.Now().Sub(dlStart)
+	id := hex.EncodeToString(digest)
+	p.metrics.downloadBytes.Add(float64(zipSize))
+
+	if h, err := storage.ReadManifestHeader(fs, l.ArtifactManifest(id)); err == nil && h.ArtifactID == id {
+		// Same ZIP already installed under another key (e.g. another flavor alias).
+		a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: zipSize,
+			Size: h.Size, Files: h.Files, State: storage.ArtifactReady, InstalledAt: h.InstalledAt, LastUsed: p.opts.Now()}
+		return a, p.opts.Index.PutArtifact(a, key)
+	}
+
+	exStart := p.opts.Now()
+	ex, err := Extract(ctx, fs, zipPath, treePath, p.opts.Limits, p.opts.ExtractWorkers)
+	if err != nil {
+		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: %w", c.Tenant().Name, key.Version, err)
+	}
+	_ = fs.Remove(zipPath) // free the space before the tree is renamed in
+	now := p.opts.Now()
+	hdr := storage.ManifestHeader{Schema: 1, ArtifactID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch,
+		ZipSize: zipSize, Size: ex.Size, Files: ex.Files, InstalledAt: now}
+	mf, err := fs.OpenFile(filepath.Join(treePath, l.ManifestName()), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return storage.Artifact{}, err
+	}
+	if err := storage.WriteManifest(mf, hdr, ex.Entries); err != nil {
+		_ = mf.Close()
+		return storage.Artifact{}, err
+	}
+	if err := mf.Sync(); err != nil {
+		_ = mf.Close()
+		return storage.Artifact{}, err
+	}
+	if err := mf.Close(); err != nil {
+		return storage.Artifact{}, err
+	}
+	if err := fs.Rename(treePath, l.Artifact(id)); err != nil {
+		if _, serr := fs.Stat(l.ArtifactManifest(id)); serr != nil {
+			return storage.Artifact{}, fmt.Errorf("install artifact %s: %w", id, err)
+		}
+		// A concurrent install of the same bytes under another key won.
+	}
+	a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: zipSize,
+		Size: ex.Size, Files: ex.Files, State: storage.ArtifactReady, InstalledAt: now, LastUsed: now}
+	if err := p.opts.Index.PutArtifact(a, key); err != nil {
+		return storage.Artifact{}, err
+	}
+	log.Info("installed code module", "artifact", id, "zipBytes", zipSize, "files", ex.Files, "bytes", ex.Size,
+		"download", dlTime.Round(time.Millisecond), "extract", now.Sub(exStart).Round(time.Millisecond))
+	return a, nil
+}
+
+// download streams the ZIP into path, hashing it on the way, and logs
+// progress every 5 seconds.
+func (p *Provisioner) download(ctx context.Context, c *Client, key storage.ArtifactKey, path string) (int64, []byte, error) {
+	body, total, err := c.OpenAgentZip(ctx, key.Version, key.Flavor, key.Arch)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer body.Close()
+	f, err := p.opts.Fs.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return 0, nil, err
+	}
+	w := newWriteBehind(f)
+	h := sha256.New()
+	pr := &progressReader{r: body, total: total, log: klog.FromContext(ctx), start: time.Now(), last: time.Now(), h: h}
+	n, err := io.CopyBuffer(w, pr, make([]byte, 256<<10))
+	if cerr := w.Close(); err == nil && cerr != nil {
+		return n, nil, cerr
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return n, nil, fmt.Errorf("tenant %q version %s: download: %w", c.Tenant().Name, key.Version, ctx.Err())
+		}
+		return n, nil, fmt.Errorf("tenant %q version %s: download broke off after %d bytes: %w: %v", c.Tenant().Name, key.Version, n, ErrUnavailable, err)
+	}
+	if total >= 0 && n != total {
+		return n, nil, fmt.Errorf("tenant %q version %s: download has %d of %d bytes: %w", c.Tenant().Name, key.Version, n, total, ErrBadArchive)
+	}
+	return n, h.Sum(nil), nil
+}
+
+type progressReader struct {
+	r     io.Reader
+	h     hash.Hash
+	total int64
+	n     int64
+	log   klog.Logger
+	start time.Time
+	last  time.Time
+}
+
+func (pr *progressReader) Read(b []byte) (int, error) {
+	n, err := pr.r.Read(b)
+	pr.h.Write(b[:n])
+	pr.n += int64(n)
+	if now := time.Now(); now.Sub(pr.last) >= 5*time.Second {
+		pr.last = now
+		rate := float64(pr.n) / now.Sub(pr.start).Seconds() / (1 << 20)
+		kv := []any{"bytes", pr.n, "rateMiBps", fmt.Sprintf("%.1f", rate)}
+		if pr.total > 0 {
+			kv = append(kv, "total", pr.total, "percent", fmt.Sprintf("%.0f", 100*float64(pr.n)/float64(pr.total)))
+		}
+		pr.log.Info("downloading code module", kv...)
+	}
+	return n, err
+}
+
+// EnsureHostDir creates the host-mode storage of tenant and returns its
+// path relative to the data dir. It is not an error when it exists.
+func (p *Provisioner) EnsureHostDir(tenant string) (string, error) {
+	if _, err := p.client(tenant); err != nil {
+		return "", err
+	}
+	dir := p.opts.Layout.Host(tenant)
+	return dir, p.opts.Fs.MkdirAll(dir, 0o755)
+}
