@@ -189,7 +189,7 @@ func (c *Client) do(ctx context.Context, route string, query url.Values) (*http.
 		switch {
 		case err != nil:
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("tenant %q: GET %s: %w", c.tenant.Name, route, ctx.Err())
+				return nil, fmt.Errorf("tenant %q: GET %s: %w: %w", c.tenant.Name, route, ErrUnavailable, ctx.Err())
 			}
 			lastErr = fmt.Errorf("tenant %q: GET %s: %w: %v", c.tenant.Name, route, ErrUnavailable, err)
 		case resp.StatusCode == http.StatusOK:
@@ -264,7 +264,7 @@ func readSnippet(r io.Reader) string {
 }
 
 func (c *Client) getJSON(ctx context.Context, route string, out any) error {
-	ctx, cancel := context.WithTimeout(ctx, c.opts.RequestTimeout*time.Duration(c.opts.Attempts)+c.opts.BackoffMax)
+	ctx, cancel := context.WithTimeout(ctx, (c.opts.RequestTimeout+c.opts.BackoffMax)*time.Duration(c.opts.Attempts))
 	defer cancel()
 	resp, err := c.do(ctx, route, nil)
 	if err != nil {

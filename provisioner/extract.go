@@ -156,19 +156,15 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, limits
 	if err != nil {
 		return out, err
 	}
-	linker, canLink := fsys.(afero.Linker)
 	for i, p := range plan {
 		if p.kind != "symlink" {
 			continue
-		}
-		if !canLink {
-			return out, fmt.Errorf("extract %s: filesystem cannot create symlinks", p.name)
 		}
 		dst := filepath.Join(destDir, filepath.FromSlash(p.name))
 		if err := fsys.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 			return out, err
 		}
-		if err := linker.SymlinkIfPossible(p.link, dst); err != nil {
+		if err := symlink(fsys, p.link, dst); err != nil {
 			return out, fmt.Errorf("extract %s: %w", p.name, err)
 		}
 		entries[i] = storage.ManifestEntry{Path: p.name, Type: "symlink", Link: p.link}
@@ -375,4 +371,22 @@ func (c countingReader) Read(p []byte) (int, error) {
 		return n, badArchive("extracted size exceeds the limit of %d bytes", c.limit)
 	}
 	return n, err
+}
+
+// symlink creates newname pointing at the relative target. BasePathFs would
+// turn the target into an absolute host path, which means nothing inside a
+// pod, so the link is made at the jailed real path with the target unchanged
+// (the target was checked to stay inside the artifact).
+func symlink(fsys afero.Fs, target, newname string) error {
+	if b, ok := fsys.(*afero.BasePathFs); ok {
+		real, err := b.RealPath(newname)
+		if err != nil {
+			return err
+		}
+		return os.Symlink(target, real)
+	}
+	if l, ok := fsys.(afero.Linker); ok {
+		return l.SymlinkIfPossible(target, newname)
+	}
+	return fmt.Errorf("filesystem %s cannot create symlinks", fsys.Name())
 }

@@ -1,0 +1,164 @@
+package provisioner_test
+
+import (
+	"archive/zip"
+	"bytes"
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/spf13/afero"
+
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
+)
+
+type zipEntry struct {
+	name   string
+	mode   os.FileMode
+	data   []byte
+	method uint16
+}
+
+func makeZip(t *testing.T, entries ...zipEntry) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	zw := zip.NewWriter(&buf)
+	for _, e := range entries {
+		h := &zip.FileHeader{Name: e.name, Method: e.method}
+		if e.mode == 0 {
+			e.mode = 0o644
+		}
+		h.SetMode(e.mode)
+		w, err := zw.CreateHeader(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Write(e.data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func extractBytes(t *testing.T, fsys afero.Fs, data []byte, limits provisioner.Limits) (provisioner.Extraction, error) {
+	t.Helper()
+	if err := afero.WriteFile(fsys, "in.zip", data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return provisioner.Extract(context.Background(), fsys, "in.zip", "out", limits, 2)
+}
+
+func TestExtractRejectsUnsafeArchives(t *testing.T) {
+	zeros := make([]byte, 4<<20)
+	tests := []struct {
+		name    string
+		entries []zipEntry
+		limits  provisioner.Limits
+		want    string
+	}{
+		{"dot-dot", []zipEntry{{name: "agent/../../etc/passwd", data: []byte("x")}}, provisioner.Limits{}, "climbs out"},
+		{"absolute", []zipEntry{{name: "/etc/passwd", data: []byte("x")}}, provisioner.Limits{}, "absolute"},
+		{"backslash", []zipEntry{{name: `..\evil`, data: []byte("x")}}, provisioner.Limits{}, "backslash"},
+		{"symlink absolute", []zipEntry{{name: "l", mode: os.ModeSymlink | 0o777, data: []byte("/etc")}}, provisioner.Limits{}, "outside"},
+		{"symlink climbing", []zipEntry{{name: "a/l", mode: os.ModeSymlink | 0o777, data: []byte("../../x")}}, provisioner.Limits{}, "outside"},
+		{"write through symlink", []zipEntry{
+			{name: "l", mode: os.ModeSymlink | 0o777, data: []byte("d")},
+			{name: "l/f", data: []byte("x")},
+		}, provisioner.Limits{}, "below symlink"},
+		{"device file", []zipEntry{{name: "dev", mode: os.ModeDevice | 0o644}}, provisioner.Limits{}, "unsupported type"},
+		{"named pipe", []zipEntry{{name: "fifo", mode: os.ModeNamedPipe | 0o644}}, provisioner.Limits{}, "unsupported type"},
+		{"duplicate", []zipEntry{{name: "a", data: []byte("1")}, {name: "a", data: []byte("2")}}, provisioner.Limits{}, "twice"},
+		{"too many entries", []zipEntry{{name: "a"}, {name: "b"}, {name: "c"}}, provisioner.Limits{MaxEntries: 2}, "entries exceed"},
+		{"too big", []zipEntry{{name: "a", data: make([]byte, 2048)}}, provisioner.Limits{MaxBytes: 1024}, "exceeds the limit"},
+		{"zip bomb ratio", []zipEntry{{name: "bomb", data: zeros, method: zip.Deflate}}, provisioner.Limits{}, "ratio limit"},
+		{"reserved name", []zipEntry{{name: ".oneagent-csi-manifest", data: []byte("{}")}}, provisioner.Limits{}, "reserved"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
+			_, err := extractBytes(t, fsys, makeZip(t, tc.entries...), tc.limits)
+			if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want bad archive mentioning %q", err, tc.want)
+			}
+			if _, err := fsys.Stat("out"); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("out/ was created for an archive refused before extraction")
+			}
+		})
+	}
+}
+
+func TestExtractDetectsCorruption(t *testing.T) {
+	data := makeZip(t, zipEntry{name: "agent/lib64/lib.so", data: bytes.Repeat([]byte("0123456789abcdef"), 8192), method: zip.Store})
+	// Flip a byte inside the stored file data: the CRC must catch it.
+	i := bytes.Index(data, []byte("0123456789abcdef"))
+	data[i+100] ^= 0xff
+	fsys := afero.NewMemMapFs()
+	_, err := extractBytes(t, fsys, data, provisioner.Limits{})
+	if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "checksum") {
+		t.Fatalf("err = %v, want checksum error", err)
+	}
+}
+
+func TestExtractSyntheticModule(t *testing.T) {
+	var buf bytes.Buffer
+	if err := faketenant.WriteModule(&buf, faketenant.ModuleSpec{Version: "1.311.72.20250410-123003", Size: 512 << 10}); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	fsys := afero.NewBasePathFs(afero.NewOsFs(), root)
+	ex, err := extractBytes(t, fsys, buf.Bytes(), provisioner.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ex.Files < 8 || ex.Size < int64(buf.Len()) {
+		t.Errorf("extracted %d files / %d bytes from a %d byte zip", ex.Files, ex.Size, buf.Len())
+	}
+	for _, p := range []string{"agent/lib64/liboneagentproc.so", "agent/conf/ruxitagentproc.conf", "manifest.json"} {
+		if _, err := os.Stat(filepath.Join(root, "out", p)); err != nil {
+			t.Errorf("%s missing: %v", p, err)
+		}
+	}
+	link, err := os.Readlink(filepath.Join(root, "out", "agent/bin/current"))
+	if err != nil || link != "1.311.72.20250410-123003" {
+		t.Errorf("symlink agent/bin/current = %q, %v", link, err)
+	}
+	st, err := os.Stat(filepath.Join(root, "out", "agent/lib64/liboneagentproc.so"))
+	if err != nil || st.Mode().Perm() != 0o755 {
+		t.Errorf("liboneagentproc.so mode = %v, %v", st.Mode(), err)
+	}
+	var hashed int
+	for _, e := range ex.Entries {
+		if e.Type == "file" && len(e.SHA256) == 64 {
+			hashed++
+		}
+	}
+	if hashed != ex.Files {
+		t.Errorf("%d of %d files have a sha256 in the manifest", hashed, ex.Files)
+	}
+}
+
+func TestMergeRuxitAgentProcConf(t *testing.T) {
+	base := []byte("# comment\n[general]\nloglevel info\ntenant \n\n[agentType]\nprocess on\n")
+	props := []provisioner.Property{
+		{Section: "general", Key: "tenant", Value: "abc"},
+		{Section: "general", Key: "serverAddress", Value: "{https://x}"},
+		{Section: "agentType", Key: "process", Value: "off"},
+		{Section: "zeta", Key: "k", Value: "v"},
+	}
+	got := string(provisioner.MergeRuxitAgentProcConf(base, props))
+	want := "# comment\n[general]\nloglevel info\ntenant abc\n\nserverAddress {https://x}\n[agentType]\nprocess off\n\n[zeta]\nk v\n"
+	if got != want {
+		t.Fatalf("merged:\n%s\nwant:\n%s", got, want)
+	}
+	if again := string(provisioner.MergeRuxitAgentProcConf([]byte(got), props)); again != got {
+		t.Errorf("merging twice changed the file:\n%s", again)
+	}
+}

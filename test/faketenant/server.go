@@ -1,0 +1,421 @@
+// Package faketenant is an HTTPS server that answers the Dynatrace tenant
+// routes oneagent-csi uses (DESIGN §2) with synthetic, deterministic code
+// modules, and can be told to misbehave (5xx, 429, stalls, truncated or
+// corrupted bodies, refused tokens). It runs in tests as a library and as the
+// fake-tenant command for demos.
+package faketenant
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Route names used for faults and counters.
+const (
+	RouteMetainfo   = "metainfo"
+	RouteVersions   = "versions"
+	RouteDownload   = "download"
+	RouteConfig     = "processmoduleconfig"
+	RouteConnection = "connectioninfo"
+)
+
+// FaultKind is a way to misbehave.
+type FaultKind string
+
+const (
+	// FaultStatus answers with Fault.Status (default 503).
+	FaultStatus FaultKind = "status"
+	// FaultTooManyRequests answers 429 with Retry-After: Fault.RetryAfter seconds.
+	FaultTooManyRequests FaultKind = "429"
+	// FaultStall sends nothing until the client gives up or Fault.Stall passes.
+	FaultStall FaultKind = "stall"
+	// FaultTruncate sends half the body of a download, then closes.
+	FaultTruncate FaultKind = "truncate"
+	// FaultCorrupt flips bytes in the middle of a download (length unchanged).
+	FaultCorrupt FaultKind = "corrupt"
+)
+
+// Fault makes the next Count requests to Route (all routes when empty)
+// misbehave; Count 0 means until cleared.
+type Fault struct {
+	Kind       FaultKind
+	Route      string
+	Count      int
+	Status     int
+	RetryAfter int
+	Stall      time.Duration
+}
+
+// Options configure a Server.
+type Options struct {
+	// Token is the API token accepted. Default "fake-paas-token".
+	Token string
+	// Versions offered, oldest first; the last is "latest". Default two versions.
+	Versions []string
+	// ModuleSize is the approximate ZIP size. Default 256 KiB.
+	ModuleSize int64
+	// ExtraFiles are added to every module (e.g. a real liboneagentproc.so).
+	ExtraFiles map[string][]byte
+	// CacheDir keeps generated modules between runs (keyed by spec). Default: a
+	// temporary dir removed by Close.
+	CacheDir string
+	// Addr to listen on. Default 127.0.0.1:0.
+	Addr string
+	// Latency is added to every answer.
+	Latency time.Duration
+}
+
+// DefaultVersions are offered when Options.Versions is empty.
+var DefaultVersions = []string{"1.309.66.20250301-101500", "1.311.72.20250410-123003"}
+
+// Server is a running fake tenant.
+type Server struct {
+	// URL is the API base to configure as apiURL (https://127.0.0.1:port/api).
+	URL string
+
+	srv      *httptest.Server
+	opts     Options
+	ownCache bool
+
+	mu          sync.Mutex
+	token       string
+	versions    []string
+	revision    int64
+	faults      []Fault
+	requests    map[string]int
+	downloads   map[string]int
+	generateMux sync.Mutex
+	modules     map[string]string
+}
+
+// Start starts a fake tenant over HTTPS on loopback.
+func Start(opts Options) (*Server, error) {
+	if opts.Token == "" {
+		opts.Token = "fake-paas-token"
+	}
+	if len(opts.Versions) == 0 {
+		opts.Versions = DefaultVersions
+	}
+	if opts.ModuleSize == 0 {
+		opts.ModuleSize = 256 << 10
+	}
+	s := &Server{opts: opts, token: opts.Token, versions: append([]string(nil), opts.Versions...), revision: 1,
+		requests: map[string]int{}, downloads: map[string]int{}, modules: map[string]string{}}
+	if opts.CacheDir == "" {
+		dir, err := os.MkdirTemp("", "faketenant-")
+		if err != nil {
+			return nil, err
+		}
+		s.opts.CacheDir, s.ownCache = dir, true
+	} else if err := os.MkdirAll(opts.CacheDir, 0o755); err != nil {
+		return nil, err
+	}
+	s.srv = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
+	if opts.Addr != "" {
+		l, err := net.Listen("tcp", opts.Addr)
+		if err != nil {
+			return nil, err
+		}
+		_ = s.srv.Listener.Close()
+		s.srv.Listener = l
+	}
+	s.srv.StartTLS()
+	s.URL = s.srv.URL + "/api"
+	return s, nil
+}
+
+// Close stops the server and removes its own cache dir.
+func (s *Server) Close() {
+	s.srv.CloseClientConnections()
+	s.srv.Close()
+	if s.ownCache {
+		_ = os.RemoveAll(s.opts.CacheDir)
+	}
+}
+
+// CAPEM is the PEM of the certificate clients must trust.
+func (s *Server) CAPEM() []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.srv.Certificate().Raw})
+}
+
+// WriteCA writes CAPEM to path.
+func (s *Server) WriteCA(path string) error { return os.WriteFile(path, s.CAPEM(), 0o644) }
+
+// Token is the accepted token.
+func (s *Server) Token() string { s.mu.Lock(); defer s.mu.Unlock(); return s.token }
+
+// SetToken changes the accepted token (simulates rotation or revocation).
+func (s *Server) SetToken(t string) { s.mu.Lock(); s.token = t; s.mu.Unlock() }
+
+// Latest is the version metainfo answers.
+func (s *Server) Latest() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.versions[len(s.versions)-1]
+}
+
+// AddVersion offers v as the new latest version.
+func (s *Server) AddVersion(v string) { s.mu.Lock(); s.versions = append(s.versions, v); s.mu.Unlock() }
+
+// SetRevision changes the processmoduleconfig revision.
+func (s *Server) SetRevision(r int64) { s.mu.Lock(); s.revision = r; s.mu.Unlock() }
+
+// SetFaults replaces the active faults; none clears them.
+func (s *Server) SetFaults(f ...Fault) { s.mu.Lock(); s.faults = f; s.mu.Unlock() }
+
+// Requests returns how many requests reached route.
+func (s *Server) Requests(route string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.requests[route]
+}
+
+// Downloads returns how many complete module downloads of version were served.
+func (s *Server) Downloads(version string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.downloads[version]
+}
+
+// ProcessModuleConfig is what the tenant answers on processmoduleconfig.
+func (s *Server) ProcessModuleConfig() map[string]any {
+	s.mu.Lock()
+	rev := s.revision
+	s.mu.Unlock()
+	return map[string]any{"revision": rev, "properties": []map[string]string{
+		{"section": "general", "key": "tenant", "value": "fake-tenant-uuid"},
+		{"section": "general", "key": "tenantToken", "value": "fake-tenant-token-" + strconv.FormatInt(rev, 10)},
+		{"section": "general", "key": "serverAddress", "value": "{" + s.srv.URL + "/communication}"},
+	}}
+}
+
+// ModulePath generates (once) and returns the file of a version's ZIP.
+func (s *Server) ModulePath(version string) (string, error) {
+	spec := ModuleSpec{Version: version, Size: s.opts.ModuleSize, ExtraFiles: s.opts.ExtraFiles}
+	key := specKey(spec)
+	s.generateMux.Lock()
+	defer s.generateMux.Unlock()
+	if p, ok := s.modules[key]; ok {
+		return p, nil
+	}
+	p := filepath.Join(s.opts.CacheDir, key+".zip")
+	if _, err := os.Stat(p); err != nil {
+		tmp := p + ".tmp"
+		f, err := os.Create(tmp)
+		if err != nil {
+			return "", err
+		}
+		if err := WriteModule(f, spec); err != nil {
+			_ = f.Close()
+			_ = os.Remove(tmp)
+			return "", err
+		}
+		if err := f.Close(); err != nil {
+			return "", err
+		}
+		if err := os.Rename(tmp, p); err != nil {
+			return "", err
+		}
+	}
+	s.modules[key] = p
+	return p, nil
+}
+
+func specKey(spec ModuleSpec) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "v2|%s|%d|", spec.Version, spec.Size)
+	names := make([]string, 0, len(spec.ExtraFiles))
+	for n := range spec.ExtraFiles {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(h, "%s|%x|", n, sha256.Sum256(spec.ExtraFiles[n]))
+	}
+	return spec.Version + "-" + strconv.FormatInt(spec.Size, 10) + "-" + hex.EncodeToString(h.Sum(nil))[:12]
+}
+
+func routeOf(path string) (string, string) {
+	p := strings.TrimPrefix(path, "/api/v1/deployment/installer/agent")
+	switch {
+	case p == "/unix/paas/latest/metainfo":
+		return RouteMetainfo, ""
+	case p == "/versions/unix/paas":
+		return RouteVersions, ""
+	case strings.HasPrefix(p, "/unix/paas/version/"):
+		return RouteDownload, strings.TrimPrefix(p, "/unix/paas/version/")
+	case p == "/processmoduleconfig":
+		return RouteConfig, ""
+	case p == "/connectioninfo":
+		return RouteConnection, ""
+	}
+	return "", ""
+}
+
+// takeFault returns the fault that applies to this request, consuming one
+// use of it.
+func (s *Server) takeFault(route string) *Fault {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range s.faults {
+		f := &s.faults[i]
+		if f.Route != "" && f.Route != route {
+			continue
+		}
+		out := *f
+		if f.Count > 0 {
+			f.Count--
+			if f.Count == 0 {
+				s.faults = append(s.faults[:i], s.faults[i+1:]...)
+			}
+		}
+		return &out
+	}
+	return nil
+}
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
+	route, arg := routeOf(r.URL.Path)
+	if route == "" || r.Method != http.MethodGet {
+		http.Error(w, `{"error":{"code":404,"message":"not found"}}`, http.StatusNotFound)
+		return
+	}
+	s.mu.Lock()
+	s.requests[route]++
+	token := s.token
+	versions := append([]string(nil), s.versions...)
+	s.mu.Unlock()
+	if s.opts.Latency > 0 {
+		time.Sleep(s.opts.Latency)
+	}
+	if r.Header.Get("Authorization") != "Api-Token "+token {
+		http.Error(w, `{"error":{"code":401,"message":"Token Authentication failed"}}`, http.StatusUnauthorized)
+		return
+	}
+	fault := s.takeFault(route)
+	if fault != nil {
+		switch fault.Kind {
+		case FaultStatus:
+			code := fault.Status
+			if code == 0 {
+				code = http.StatusServiceUnavailable
+			}
+			http.Error(w, `{"error":{"code":`+strconv.Itoa(code)+`,"message":"injected fault"}}`, code)
+			return
+		case FaultTooManyRequests:
+			w.Header().Set("Retry-After", strconv.Itoa(fault.RetryAfter))
+			http.Error(w, `{"error":{"code":429,"message":"rate limited"}}`, http.StatusTooManyRequests)
+			return
+		case FaultStall:
+			d := fault.Stall
+			if d == 0 {
+				d = time.Hour
+			}
+			t := time.NewTimer(d)
+			defer t.Stop()
+			select {
+			case <-r.Context().Done():
+			case <-t.C:
+			}
+			http.Error(w, "stalled", http.StatusGatewayTimeout)
+			return
+		}
+	}
+	switch route {
+	case RouteMetainfo:
+		writeJSON(w, map[string]string{"latestAgentVersion": versions[len(versions)-1]})
+	case RouteVersions:
+		writeJSON(w, map[string][]string{"availableVersions": versions})
+	case RouteConfig:
+		writeJSON(w, s.ProcessModuleConfig())
+	case RouteConnection:
+		writeJSON(w, map[string]any{"tenantUUID": "fake-tenant-uuid", "tenantToken": "fake-tenant-token",
+			"communicationEndpoints": []string{s.srv.URL + "/communication"}})
+	case RouteDownload:
+		s.serveDownload(w, r, arg, versions, fault)
+	}
+}
+
+func (s *Server) serveDownload(w http.ResponseWriter, r *http.Request, version string, versions []string, fault *Fault) {
+	known := false
+	for _, v := range versions {
+		known = known || v == version
+	}
+	if !known {
+		http.Error(w, `{"error":{"code":404,"message":"version not found"}}`, http.StatusNotFound)
+		return
+	}
+	p, err := s.ModulePath(version)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	defer f.Close()
+	st, _ := f.Stat()
+	size := st.Size()
+	w.Header().Set("Content-Type", "application/zip")
+	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+	w.WriteHeader(http.StatusOK)
+	var body io.Reader = f
+	if fault != nil && fault.Kind == FaultTruncate {
+		body = io.LimitReader(f, size/2)
+	}
+	if fault != nil && fault.Kind == FaultCorrupt {
+		body = &corruptReader{r: f, at: size / 2}
+	}
+	n, err := io.Copy(w, body)
+	if err == nil && n == size {
+		s.mu.Lock()
+		s.downloads[version]++
+		s.mu.Unlock()
+	}
+	if n < size {
+		// Make the short body visible to the client as a broken connection.
+		if hj, ok := w.(http.Hijacker); ok {
+			if c, _, err := hj.Hijack(); err == nil {
+				_ = c.Close()
+			}
+		}
+	}
+}
+
+type corruptReader struct {
+	r   io.Reader
+	off int64
+	at  int64
+}
+
+func (c *corruptReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	for i := 0; i < n; i++ {
+		if pos := c.off + int64(i); pos >= c.at && pos < c.at+64 {
+			p[i] ^= 0xA5
+		}
+	}
+	c.off += int64(n)
+	return n, err
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
