@@ -313,7 +313,11 @@ func (p *Provisioner) EnsureArtifact(ctx context.Context, tenant, version string
 	}
 	key := p.artifactKey(c, version)
 	if a, err := p.cached(key); err == nil {
-		_ = p.opts.Index.TouchArtifact(a.ID, p.opts.Now())
+		// Last-used needs minute precision (for GC); skipping the write keeps
+		// the publish hot path free of an index commit.
+		if now := p.opts.Now(); now.Sub(a.LastUsed) > time.Minute {
+			_ = p.opts.Index.TouchArtifact(a.ID, now)
+		}
 		return a, nil
 	}
 	ch := p.group.DoChan("artifact/"+key.String(), func() (any, error) {

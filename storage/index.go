@@ -37,7 +37,10 @@ var (
 // idempotent: it is not an error when the record does not exist. Get methods
 // return ErrNotFound when it does not.
 type Index struct {
-	db *bolt.DB
+	db      *bolt.DB
+	commits chan commitRequest
+	stop    chan struct{}
+	stopped chan struct{}
 }
 
 // OpenIndex opens or creates the index at path. It waits at most timeout for
@@ -56,12 +59,17 @@ func OpenIndex(path string, timeout time.Duration, readOnly bool) (*Index, error
 	}
 	idx := &Index{db: db}
 	if readOnly {
-		return idx, idx.checkSchema()
+		if err := idx.checkSchema(); err != nil {
+			_ = db.Close()
+			return nil, err
+		}
+		return idx, nil
 	}
 	if err := idx.migrate(); err != nil {
 		_ = db.Close()
 		return nil, err
 	}
+	idx.startGroupCommit()
 	return idx, nil
 }
 
@@ -113,6 +121,7 @@ func (x *Index) Close() error {
 	if x == nil || x.db == nil {
 		return nil
 	}
+	x.stopGroupCommit()
 	return x.db.Close()
 }
 
@@ -201,7 +210,7 @@ func (x *Index) ListArtifacts() ([]Artifact, error) { return list[Artifact](x, b
 // TouchArtifact sets the last-used time of an artifact; it is not an error
 // when the artifact is unknown.
 func (x *Index) TouchArtifact(id string, at time.Time) error {
-	return x.db.Batch(func(tx *bolt.Tx) error {
+	return x.group(func(tx *bolt.Tx) error {
 		var a Artifact
 		if err := get(tx, bucketArtifacts, id, &a); err != nil {
 			if errors.Is(err, ErrNotFound) {
@@ -263,7 +272,7 @@ func (x *Index) DeleteLayer(tenant, rev string) error {
 
 // PutResolution records what "latest" resolved to for a tenant.
 func (x *Index) PutResolution(r Resolution) error {
-	return x.db.Batch(func(tx *bolt.Tx) error { return put(tx, bucketResolutions, r.Tenant, r) })
+	return x.group(func(tx *bolt.Tx) error { return put(tx, bucketResolutions, r.Tenant, r) })
 }
 
 // GetResolution returns the last resolution of "latest" for tenant.
@@ -276,7 +285,7 @@ func (x *Index) GetResolution(tenant string) (Resolution, error) {
 // PutVolume records a volume, replacing any record with the same id, and
 // indexes it by target path. Concurrent calls are batched into one commit.
 func (x *Index) PutVolume(v Volume) error {
-	return x.db.Batch(func(tx *bolt.Tx) error { return putVolume(tx, v) })
+	return x.group(func(tx *bolt.Tx) error { return putVolume(tx, v) })
 }
 
 func putVolume(tx *bolt.Tx, v Volume) error {
@@ -302,7 +311,7 @@ func (x *Index) ListVolumes() ([]Volume, error) { return list[Volume](x, bucketV
 // DeleteVolume removes the record of volume id and any record published at
 // targetPath (an adopted record has another id). Either may be empty.
 func (x *Index) DeleteVolume(id, targetPath string) error {
-	return x.db.Batch(func(tx *bolt.Tx) error { return deleteVolume(tx, id, targetPath) })
+	return x.group(func(tx *bolt.Tx) error { return deleteVolume(tx, id, targetPath) })
 }
 
 func deleteVolume(tx *bolt.Tx, id, targetPath string) error {

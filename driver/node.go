@@ -1,0 +1,339 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/storage"
+)
+
+// NodeGetInfo returns the node id; no topology, no volume limit.
+func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{NodeId: d.opts.NodeID}, nil
+}
+
+// NodeGetCapabilities is empty: no staging, no stats (DESIGN §4).
+func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	return &csi.NodeGetCapabilitiesResponse{}, nil
+}
+
+// publishRequest is a validated NodePublishVolumeRequest.
+type publishRequest struct {
+	volumeID string
+	target   string
+	readOnly bool
+	attrs    api.VolumeAttributes
+}
+
+// validatePublish checks fields in the order csi-sanity expects (volume id,
+// target path, capability) before the attributes.
+func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (publishRequest, error) {
+	r := publishRequest{volumeID: req.GetVolumeId(), target: req.GetTargetPath(), readOnly: req.GetReadonly()}
+	if r.volumeID == "" {
+		return r, invalid("volume_id", "must be set")
+	}
+	if r.target == "" {
+		return r, invalid("target_path", "must be set")
+	}
+	vc := req.GetVolumeCapability()
+	if vc == nil {
+		return r, invalid("volume_capability", "must be set")
+	}
+	if vc.GetBlock() != nil {
+		return r, invalid("volume_capability.block", "block volumes are not supported, use a mount volume")
+	}
+	if vc.GetMount() == nil {
+		return r, invalid("volume_capability.mount", "must be set")
+	}
+	if !filepath.IsAbs(r.target) || filepath.Clean(r.target) != strings.TrimSuffix(r.target, "/") {
+		return r, invalid("target_path", fmt.Sprintf("%q must be an absolute, clean path", r.target))
+	}
+	if strings.HasPrefix(r.target+"/", d.opts.Layout.Root()+"/") {
+		return r, invalid("target_path", fmt.Sprintf("%q lies inside the driver's data dir", r.target))
+	}
+	attrs, err := api.ParseVolumeAttributes(req.GetVolumeContext())
+	if err != nil {
+		return r, err
+	}
+	if attrs.Tenant == "" {
+		attrs.Tenant = d.opts.Provisioner.DefaultTenant()
+		if attrs.Tenant == "" {
+			return r, invalid("volume_context[\"dynakube\"]", "must name a tenant: several tenants are configured")
+		}
+	}
+	if attrs.Writable && r.readOnly {
+		return r, invalid("volume_context[\"writable\"]", "\"true\" conflicts with a read-only volume (readOnly: true)")
+	}
+	r.attrs = attrs
+	return r, nil
+}
+
+// NodePublishVolume mounts the code module at the target (DESIGN §4).
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (_ *csi.NodePublishVolumeResponse, err error) {
+	start := d.opts.Now()
+	mode := "unknown"
+	d.metrics.inFlight.WithLabelValues("publish").Inc()
+	defer func() {
+		d.metrics.inFlight.WithLabelValues("publish").Dec()
+		d.metrics.ops.WithLabelValues("publish", mode, status.Code(err).String()).Observe(d.opts.Now().Sub(start).Seconds())
+	}()
+	r, err := d.validatePublish(req)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	mode = string(r.attrs.Mode)
+	log := klog.FromContext(ctx).WithValues("volumeID", r.volumeID, "target", r.target,
+		"pod", r.attrs.PodNamespace+"/"+r.attrs.PodName, "tenant", r.attrs.Tenant, "mode", r.attrs.Mode)
+	ctx = klog.NewContext(ctx, log)
+	unlock, ok := d.locks.tryLock(r.target)
+	if !ok {
+		return nil, toStatus(fmt.Errorf("publish %s: %w", r.target, errBusy))
+	}
+	defer unlock()
+	if err := d.publish(ctx, r); err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+func (d *Driver) isMounted(target string) (bool, error) {
+	notMnt, err := d.opts.Mounter.IsLikelyNotMountPoint(target)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("check mount point %s: %w", target, err)
+	}
+	return !notMnt, nil
+}
+
+func (d *Driver) publish(ctx context.Context, r publishRequest) error {
+	log := klog.FromContext(ctx)
+	mounted, err := d.isMounted(r.target)
+	if err != nil {
+		return err
+	}
+	if mounted {
+		log.V(2).Info("already published")
+		return nil
+	}
+	now := d.opts.Now()
+	rec, err := d.opts.Index.GetVolume(r.volumeID)
+	switch {
+	case errors.Is(err, storage.ErrNotFound) || (err == nil && rec.TargetPath != r.target):
+		rec = storage.Volume{ID: r.volumeID, FirstAttempt: now}
+	case err != nil:
+		return err
+	}
+	rec.TargetPath, rec.Mode, rec.Tenant, rec.Writable = r.target, r.attrs.Mode, r.attrs.Tenant, r.attrs.Writable
+	rec.ReadOnly = !r.attrs.Writable
+	rec.PodName, rec.PodNamespace, rec.PodUID, rec.ServiceAccount = r.attrs.PodName, r.attrs.PodNamespace, r.attrs.PodUID, r.attrs.ServiceAccount
+
+	if r.attrs.Mode == api.ModeHost {
+		return d.publishHost(ctx, r, rec)
+	}
+
+	pctx, cancel := context.WithTimeout(ctx, d.opts.PublishWait)
+	prep, perr := d.opts.Provisioner.Prepare(pctx, r.attrs.Tenant, r.attrs.Version)
+	cancel()
+	if perr != nil {
+		waited := now.Sub(rec.FirstAttempt)
+		if waited >= r.attrs.RetryTimeout && !errors.Is(perr, provisioner.ErrUnknownTenant) {
+			return d.failOpen(ctx, r, rec, perr, waited)
+		}
+		if rec.State == "" {
+			rec.State, rec.Reason = storage.VolumePending, perr.Error()
+			if err := d.opts.Index.PutVolume(rec); err != nil {
+				log.Error(err, "recording pending volume")
+			}
+		}
+		log.Info("agent not available yet, kubelet will retry", "waited", waited.Round(time.Second),
+			"failOpenIn", (r.attrs.RetryTimeout - waited).Round(time.Second), "err", perr)
+		return fmt.Errorf("volume %s: %w", r.volumeID, perr)
+	}
+
+	l := d.opts.Layout
+	lower := l.Abs(l.TenantLayer(prep.Tenant, prep.Layer.Rev)) + ":" + l.Abs(l.Artifact(prep.Artifact.ID))
+	options := []string{"lowerdir=" + lower}
+	if r.attrs.Writable {
+		upper, work := l.VolumeUpper(r.volumeID), l.VolumeWork(r.volumeID)
+		for _, dir := range []string{upper, work} {
+			if err := d.opts.Fs.MkdirAll(dir, 0o755); err != nil {
+				return fmt.Errorf("create %s: %w", dir, err)
+			}
+		}
+		options = append(options, "upperdir="+l.Abs(upper), "workdir="+l.Abs(work))
+	} else {
+		options = append(options, "ro")
+	}
+	options = append(options, "nodev", "nosuid")
+	if err := d.mountAt(r.target, "overlay", "overlay", options); err != nil {
+		if r.attrs.Writable {
+			_ = d.opts.Fs.RemoveAll(l.Volume(r.volumeID))
+		}
+		return err
+	}
+	rec.State, rec.Reason, rec.PublishedAt = storage.VolumePublished, "", d.opts.Now()
+	rec.Version, rec.ArtifactID, rec.LayerRev = prep.Version, prep.Artifact.ID, prep.Layer.Rev
+	if err := d.opts.Index.PutVolume(rec); err != nil {
+		// The mount is the truth; reconcile adopts it if the record is lost.
+		log.Error(err, "recording published volume")
+	}
+	log.V(1).Info("published", "version", prep.Version, "artifact", prep.Artifact.ID, "rev", prep.Layer.Rev)
+	return nil
+}
+
+// mountAt creates target (kubelet leaves that to the driver) and mounts; on
+// failure a target dir it created is removed again.
+func (d *Driver) mountAt(target, source, fstype string, options []string) error {
+	created := false
+	if _, err := os.Stat(target); errors.Is(err, fs.ErrNotExist) {
+		if err := os.MkdirAll(target, 0o750); err != nil {
+			return fmt.Errorf("create target %s: %w", target, err)
+		}
+		created = true
+	}
+	if err := d.opts.Mounter.Mount(source, target, fstype, options); err != nil {
+		if created {
+			_ = os.Remove(target)
+		}
+		return fmt.Errorf("mount %s: %w", target, err)
+	}
+	return nil
+}
+
+func (d *Driver) hostAllowed(attrs api.VolumeAttributes) bool {
+	for _, rule := range d.opts.HostAllow {
+		if rule.Namespace == attrs.PodNamespace &&
+			(rule.ServiceAccount == "" || rule.ServiceAccount == "*" || rule.ServiceAccount == attrs.ServiceAccount) {
+			return true
+		}
+	}
+	return false
+}
+
+func (d *Driver) publishHost(ctx context.Context, r publishRequest, rec storage.Volume) error {
+	if !d.hostAllowed(r.attrs) {
+		return fmt.Errorf("pod %s/%s (service account %q): %w; add it to hostAllow in the node config",
+			r.attrs.PodNamespace, r.attrs.PodName, r.attrs.ServiceAccount, errHostNotAllowed)
+	}
+	dir, err := d.opts.Provisioner.EnsureHostDir(r.attrs.Tenant)
+	if err != nil {
+		return err
+	}
+	options := []string{"bind", "nodev", "nosuid"}
+	if r.readOnly {
+		options = append(options, "ro")
+	}
+	if err := d.mountAt(r.target, d.opts.Layout.Abs(dir), "", options); err != nil {
+		return err
+	}
+	rec.State, rec.PublishedAt, rec.ReadOnly = storage.VolumePublished, d.opts.Now(), r.readOnly
+	if err := d.opts.Index.PutVolume(rec); err != nil {
+		klog.FromContext(ctx).Error(err, "recording published volume")
+	}
+	return nil
+}
+
+// failOpen mounts an empty read-only dir so that the pod starts without the
+// agent, after retryTimeout of failed attempts.
+func (d *Driver) failOpen(ctx context.Context, r publishRequest, rec storage.Volume, cause error, waited time.Duration) error {
+	if err := d.mountAt(r.target, d.opts.Layout.Abs(d.opts.Layout.Empty()), "", []string{"bind", "ro", "nodev", "nosuid"}); err != nil {
+		return err
+	}
+	d.metrics.failOpen.Inc()
+	rec.State, rec.PublishedAt = storage.VolumeFailedOpen, d.opts.Now()
+	rec.Reason = "failed open after " + waited.Round(time.Second).String() + ": " + cause.Error()
+	if err := d.opts.Index.PutVolume(rec); err != nil {
+		klog.FromContext(ctx).Error(err, "recording failed-open volume")
+	}
+	klog.FromContext(ctx).Error(cause, "FAILED OPEN: the pod starts without the agent", "waited", waited.Round(time.Second),
+		"retryTimeout", r.attrs.RetryTimeout)
+	return nil
+}
+
+// NodeUnpublishVolume unmounts and removes the target and drops the record.
+// It needs nothing but volume id and target, so it works for volumes whose
+// record was lost; it is not an error when nothing is mounted or the target
+// does not exist.
+func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (_ *csi.NodeUnpublishVolumeResponse, err error) {
+	start := d.opts.Now()
+	d.metrics.inFlight.WithLabelValues("unpublish").Inc()
+	defer func() {
+		d.metrics.inFlight.WithLabelValues("unpublish").Dec()
+		d.metrics.ops.WithLabelValues("unpublish", "", status.Code(err).String()).Observe(d.opts.Now().Sub(start).Seconds())
+	}()
+	id, target := req.GetVolumeId(), req.GetTargetPath()
+	if id == "" {
+		return nil, toStatus(invalid("volume_id", "must be set"))
+	}
+	if target == "" {
+		return nil, toStatus(invalid("target_path", "must be set"))
+	}
+	if !filepath.IsAbs(target) {
+		return nil, toStatus(invalid("target_path", fmt.Sprintf("%q must be an absolute path", target)))
+	}
+	unlock, ok := d.locks.tryLock(target)
+	if !ok {
+		return nil, toStatus(fmt.Errorf("unpublish %s: %w", target, errBusy))
+	}
+	defer unlock()
+	if err := d.unpublish(ctx, id, target); err != nil {
+		return nil, toStatus(err)
+	}
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+func (d *Driver) unpublish(ctx context.Context, id, target string) error {
+	log := klog.FromContext(ctx).WithValues("volumeID", id, "target", target)
+	// Unmount until nothing is stacked at the target any more.
+	for i := 0; ; i++ {
+		mounted, err := d.isMounted(target)
+		if err != nil {
+			return err
+		}
+		if !mounted {
+			break
+		}
+		if i == 8 {
+			return fmt.Errorf("%s is still mounted after %d unmounts: %w", target, i, errUnmount)
+		}
+		if err := d.opts.Mounter.Unmount(target); err != nil {
+			return fmt.Errorf("%w: %v", errUnmount, err)
+		}
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove target %s: %w", target, err)
+	}
+	if err := d.opts.Fs.RemoveAll(d.opts.Layout.Volume(id)); err != nil {
+		return fmt.Errorf("remove writable layer of %s: %w", id, err)
+	}
+	if err := d.opts.Index.DeleteVolume(id, target); err != nil {
+		return fmt.Errorf("drop record of %s: %w", id, err)
+	}
+	log.V(1).Info("unpublished")
+	return nil
+}
+
+// NodeStageVolume is not supported (no STAGE_UNSTAGE capability).
+func (d *Driver) NodeStageVolume(context.Context, *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "staging is not supported")
+}
+
+// NodeUnstageVolume is not supported.
+func (d *Driver) NodeUnstageVolume(context.Context, *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "staging is not supported")
+}
