@@ -1,0 +1,183 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+
+	"github.com/oneagent-csi/oneagent-csi/driver"
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/storage"
+)
+
+func newNodeCommand() *cobra.Command {
+	var configPath string
+	overrides := NodeConfig{}
+	cmd := &cobra.Command{
+		Use:   "node",
+		Short: "Run the CSI node driver (DaemonSet container)",
+		Long: `Run the CSI node driver: download code modules from the configured tenants once per node,
+cache them in the data dir and mount them read-only into pods. Flags override the config file.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := LoadNodeConfig(configPath)
+			if err != nil {
+				return err
+			}
+			mergeFlags(cmd, &cfg, overrides)
+			cfg.applyDefaults()
+			if err := cfg.validate(); err != nil {
+				return fmt.Errorf("config: %w", err)
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			return runNode(ctx, cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&configPath, "config", "", "node config file (YAML, see README); flags override it")
+	f.StringVar(&overrides.NodeID, "node-id", "", "Kubernetes node name (default $NODE_NAME, then the hostname)")
+	f.StringVar(&overrides.DataDir, "data-dir", "", "data dir for artifacts, tenant layers and index.db (default "+defaultDataDir+")")
+	f.StringVar(&overrides.CSISocket, "csi-socket", "", "unix socket the CSI gRPC service listens on (default "+defaultCSISocket+")")
+	f.StringVar(&overrides.KubeletSocket, "kubelet-socket", "", "the CSI socket path as kubelet sees it (default: --csi-socket)")
+	f.StringVar(&overrides.RegistrationDir, "registration-dir", "", "kubelet plugin registration dir; empty disables registration (config default "+defaultRegistrationDir+" in the DaemonSet)")
+	f.StringVar(&overrides.HTTPAddr, "http-addr", "", "address of /healthz, /readyz and /metrics (default "+defaultHTTPAddr+")")
+	f.StringVar(&overrides.DriverName, "driver-name", "", "CSI driver name (default csi.oneagent.dynatrace.com)")
+	return cmd
+}
+
+func mergeFlags(cmd *cobra.Command, cfg *NodeConfig, o NodeConfig) {
+	set := func(name string, dst *string, v string) {
+		if cmd.Flags().Changed(name) {
+			*dst = v
+		}
+	}
+	set("node-id", &cfg.NodeID, o.NodeID)
+	set("data-dir", &cfg.DataDir, o.DataDir)
+	set("csi-socket", &cfg.CSISocket, o.CSISocket)
+	set("kubelet-socket", &cfg.KubeletSocket, o.KubeletSocket)
+	set("registration-dir", &cfg.RegistrationDir, o.RegistrationDir)
+	set("http-addr", &cfg.HTTPAddr, o.HTTPAddr)
+	set("driver-name", &cfg.DriverName, o.DriverName)
+}
+
+func runNode(ctx context.Context, cfg NodeConfig) error {
+	log := klog.FromContext(ctx)
+	layout, err := storage.NewLayout(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	idx, rep, err := storage.Open(storage.ReconcileOptions{Layout: layout})
+	if err != nil {
+		return err
+	}
+	defer idx.Close()
+	log.Info("reconciled data dir", "dataDir", cfg.DataDir, "tmpRemoved", rep.TmpEntriesRemoved,
+		"indexRebuilt", rep.IndexRebuilt, "artifacts", rep.ArtifactsKept+rep.ArtifactsAdded, "partialRemoved", len(rep.PartialRemoved),
+		"mounts", rep.MountsFound, "adopted", rep.VolumesAdopted, "dropped", rep.VolumesDropped, "took", rep.Duration)
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	prov, err := provisioner.New(provisioner.Options{
+		Layout: layout, Index: idx, Tenants: cfg.Tenants, DownloadTimeout: cfg.DownloadTimeout.Duration,
+		LatestTTL: cfg.LatestTTL.Duration, Limits: cfg.Limits, ExtractWorkers: cfg.ExtractWorkers, Registerer: reg,
+		Client: provisioner.ClientOptions{RequestTimeout: cfg.Client.RequestTimeout.Duration, ConnectTimeout: cfg.Client.ConnectTimeout.Duration,
+			Attempts: cfg.Client.Attempts, BackoffBase: cfg.Client.BackoffBase.Duration, BackoffMax: cfg.Client.BackoffMax.Duration},
+	})
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	drv, err := driver.New(driver.Options{
+		DriverName: cfg.DriverName, NodeID: cfg.NodeID, Version: version, Layout: layout, Index: idx,
+		Provisioner: prov, HostAllow: cfg.HostAllow, PublishWait: cfg.PublishWait.Duration, Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	csiListener, err := driver.Listen(cfg.CSISocket)
+	if err != nil {
+		return fmt.Errorf("csiSocket: %w", err)
+	}
+	csiServer := drv.NewGRPCServer()
+	serveGRPC(g, gctx, csiServer, csiListener, "csi")
+	log.Info("serving CSI", "driver", cfg.DriverName, "socket", cfg.CSISocket, "node", cfg.NodeID)
+
+	if cfg.RegistrationDir != "" {
+		regServer, err := drv.NewRegistrationServer(cfg.KubeletSocket)
+		if err != nil {
+			return err
+		}
+		regPath := driver.RegistrationSocket(cfg.RegistrationDir, cfg.DriverName)
+		regListener, err := driver.Listen(regPath)
+		if err != nil {
+			return fmt.Errorf("registrationDir: %w", err)
+		}
+		serveGRPC(g, gctx, regServer, regListener, "registration")
+		defer os.Remove(regPath)
+		log.Info("serving kubelet plugin registration", "socket", regPath)
+	}
+
+	httpLn, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("httpAddr: %w", err)
+	}
+	httpServer := &http.Server{Handler: drv.HTTPHandler(reg), ReadHeaderTimeout: 10 * time.Second}
+	g.Go(func() error {
+		if err := httpServer.Serve(httpLn); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("http: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return httpServer.Shutdown(sctx)
+	})
+	log.Info("serving health and metrics", "addr", httpLn.Addr().String())
+
+	if *cfg.Prefetch {
+		g.Go(func() error {
+			prov.Prefetch(gctx, cfg.PrefetchInterval.Duration)
+			return nil
+		})
+	}
+	err = g.Wait()
+	log.Info("stopped", "err", err)
+	return err
+}
+
+func serveGRPC(g *errgroup.Group, ctx context.Context, s *grpc.Server, l net.Listener, name string) {
+	g.Go(func() error {
+		if err := s.Serve(l); err != nil {
+			return fmt.Errorf("%s server: %w", name, err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-ctx.Done()
+		done := make(chan struct{})
+		go func() { s.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			s.Stop()
+		}
+		return nil
+	})
+}
