@@ -47,6 +47,8 @@ const (
 	FaultTruncate FaultKind = "truncate"
 	// FaultCorrupt flips bytes in the middle of a download (length unchanged).
 	FaultCorrupt FaultKind = "corrupt"
+	// FaultSlow sends a download at Fault.Rate bytes per second.
+	FaultSlow FaultKind = "slow"
 )
 
 // Fault makes the next Count requests to Route (all routes when empty)
@@ -58,6 +60,7 @@ type Fault struct {
 	Status     int
 	RetryAfter int
 	Stall      time.Duration
+	Rate       int64
 }
 
 // Options configure a Server.
@@ -382,6 +385,9 @@ func (s *Server) serveDownload(w http.ResponseWriter, r *http.Request, version s
 	if fault != nil && fault.Kind == FaultCorrupt {
 		body = &corruptReader{r: f, at: size / 2}
 	}
+	if fault != nil && fault.Kind == FaultSlow {
+		body = &slowReader{r: body, rate: max(fault.Rate, 1024), ctx: r.Context()}
+	}
 	n, err := io.Copy(w, body)
 	if err == nil && n == size {
 		s.mu.Lock()
@@ -418,4 +424,26 @@ func (c *corruptReader) Read(p []byte) (int, error) {
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(v)
+}
+
+// slowReader paces reads to rate bytes per second.
+type slowReader struct {
+	r    io.Reader
+	rate int64
+	ctx  interface{ Done() <-chan struct{} }
+}
+
+func (s *slowReader) Read(p []byte) (int, error) {
+	chunk := max(s.rate/10, 1)
+	if int64(len(p)) > chunk {
+		p = p[:chunk]
+	}
+	t := time.NewTimer(100 * time.Millisecond)
+	defer t.Stop()
+	select {
+	case <-s.ctx.Done():
+		return 0, io.ErrUnexpectedEOF
+	case <-t.C:
+	}
+	return s.r.Read(p)
 }

@@ -1,0 +1,39 @@
+# oneagent-csi: run `make help` for the targets.
+SHELL := /bin/bash
+GO ?= go
+BIN := bin
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X main.version=$(VERSION)
+GOLANGCI_LINT_VERSION ?= v2.15.0
+# Packages whose tests need root (real mounts); they skip when not root.
+PKGS := ./...
+
+.PHONY: help build test unit bench lint fmt vet run clean
+
+help: ## list the targets
+	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+build: ## build the static binary into bin/
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/oneagent-csi ./cmd/oneagent-csi
+
+test: build ## run every test under the race detector (real mounts need root)
+	$(GO) vet $(PKGS)
+	test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+unit: ## run the tests that need neither root nor the binary
+	$(GO) test -race -count=1 ./driver/... ./provisioner/... ./storage/... ./cmd/...
+
+bench: build ## run the benchmarks (see BENCHMARKS.md)
+	$(GO) test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 60m ./test/bench/
+
+lint: ## gofmt, go vet and golangci-lint
+	test -z "$$(gofmt -l $$(git ls-files '*.go'))"
+	$(GO) vet $(PKGS)
+	$(GO) run github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION) run ./...
+
+run: build ## start the node plugin against the fake tenant and publish one volume (root)
+	$(GO) run ./test/cmd/run-demo --binary $(BIN)/oneagent-csi
+
+clean: ## remove build output
+	rm -rf $(BIN)

@@ -1,0 +1,358 @@
+// Package integration tests the node driver with real overlay and bind
+// mounts (as root) against the fake tenant.
+package integration
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/mount-utils"
+
+	"github.com/oneagent-csi/oneagent-csi/driver"
+	"github.com/oneagent-csi/oneagent-csi/storage"
+	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
+	"github.com/oneagent-csi/oneagent-csi/test/harness"
+)
+
+func mountOf(t *testing.T, target string) (mount.MountInfo, bool) {
+	t.Helper()
+	mis, err := mount.ParseMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range mis {
+		if m.MountPoint == target {
+			return m, true
+		}
+	}
+	return mount.MountInfo{}, false
+}
+
+func hasOption(opts []string, o string) bool {
+	for _, x := range opts {
+		if x == o {
+			return true
+		}
+	}
+	return false
+}
+
+func TestPublishServesAgentReadOnly(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{})
+	ctx := harness.Ctx(t)
+	target := filepath.Join(n.TargetRoot, "pods/uid-1/volumes/kubernetes.io~csi/oneagent/mount")
+	if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-1", target, nil)); err != nil {
+		t.Fatal(err)
+	}
+	lib := filepath.Join(target, "agent/lib64/liboneagentproc.so")
+	if _, err := os.Stat(lib); err != nil {
+		t.Fatalf("agent library not visible at the target: %v", err)
+	}
+	conf, err := os.ReadFile(filepath.Join(target, "agent/conf/ruxitagentproc.conf"))
+	if err != nil || !strings.Contains(string(conf), "tenantToken fake-tenant-token-1") {
+		t.Fatalf("tenant config not merged into the served conf: %v\n%s", err, conf)
+	}
+	for _, p := range []string{filepath.Join(target, "new-file"), lib} {
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE, 0o644)
+		if err == nil {
+			f.Close()
+			t.Fatalf("write to %s succeeded on a read-only volume", p)
+		}
+		if !errors.Is(err, syscall.EROFS) {
+			t.Errorf("write to %s: %v, want EROFS", p, err)
+		}
+	}
+	m, ok := mountOf(t, target)
+	if !ok || m.FsType != "overlay" || !hasOption(m.MountOptions, "ro") {
+		t.Fatalf("mount at target = %+v, want a read-only overlay", m)
+	}
+	// Idempotent: the same request again is OK and stacks nothing.
+	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-1", target, nil)); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := n.Index.GetVolume("vol-1")
+	if err != nil || rec.State != storage.VolumePublished || rec.PodName != "app-vol-1" || rec.ArtifactID == "" {
+		t.Fatalf("volume record = %+v, %v", rec, err)
+	}
+
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-1", TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("target still exists after unpublish: %v", err)
+	}
+	if _, ok := mountOf(t, target); ok {
+		t.Fatal("target still mounted after unpublish")
+	}
+	if _, err := n.Index.GetVolume("vol-1"); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("record not dropped: %v", err)
+	}
+	// Unpublish again: idempotent.
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-1", TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestWritableOverlay(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{})
+	ctx := harness.Ctx(t)
+	target := filepath.Join(n.TargetRoot, "w/mount")
+	req := harness.PublishRequest("vol-w", target, map[string]string{"writable": "true"})
+	req.Readonly = false
+	if _, err := n.Node.NodePublishVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(target, "agent/scratch"), []byte("x"), 0o644); err != nil {
+		t.Fatalf("write to writable overlay: %v", err)
+	}
+	upper := n.Layout.Abs(n.Layout.VolumeUpper("vol-w"))
+	if _, err := os.Stat(filepath.Join(upper, "agent/scratch")); err != nil {
+		t.Fatalf("write did not land in the per-volume upper dir: %v", err)
+	}
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-w", TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(n.Layout.Abs(n.Layout.Volume("vol-w"))); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("per-volume dir left behind: %v", err)
+	}
+}
+
+func TestHostModeAllowList(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{Driver: func(o *driver.Options) {
+		o.HostAllow = []driver.HostAllowRule{{Namespace: "dynatrace", ServiceAccount: "oneagent"}}
+	}})
+	ctx := harness.Ctx(t)
+	target := filepath.Join(n.TargetRoot, "host/mount")
+	req := harness.PublishRequest("vol-h", target, map[string]string{"mode": "host"})
+	_, err := n.Node.NodePublishVolume(ctx, req)
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("host mode from namespace default: %v, want PermissionDenied", err)
+	}
+	if _, serr := os.Stat(target); !errors.Is(serr, os.ErrNotExist) {
+		t.Errorf("a refused publish left the target behind")
+	}
+	req.VolumeContext["csi.storage.k8s.io/pod.namespace"] = "dynatrace"
+	req.VolumeContext["csi.storage.k8s.io/serviceAccount.name"] = "oneagent"
+	if _, err := n.Node.NodePublishVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	m, ok := mountOf(t, target)
+	if !ok || !hasOption(m.MountOptions, "ro") {
+		t.Fatalf("host mount = %+v, want read-only bind", m)
+	}
+	if err := os.WriteFile(filepath.Join(target, "x"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Fatalf("write to read-only host volume: %v, want EROFS", err)
+	}
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-h", TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("target left behind: %v", err)
+	}
+}
+
+func TestInvalidRequestsNameTheField(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{})
+	ctx := harness.Ctx(t)
+	target := filepath.Join(n.TargetRoot, "bad/mount")
+	tests := []struct {
+		attrs map[string]string
+		field string
+	}{
+		{map[string]string{"mode": "sidecar"}, "mode"},
+		{map[string]string{"dynakube": "Not_A_Label"}, "dynakube"},
+		{map[string]string{"tenant": "a", "dynakube": "b"}, "tenant"},
+		{map[string]string{"version": "newest"}, "version"},
+		{map[string]string{"retryTimeout": "soon"}, "retryTimeout"},
+		{map[string]string{"writable": "yes"}, "writable"},
+		{map[string]string{"dynakube": "unknown"}, "unknown"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.field, func(t *testing.T) {
+			_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-bad", target, tc.attrs))
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), tc.field) {
+				t.Fatalf("err = %v, want InvalidArgument naming %s", err, tc.field)
+			}
+			if _, serr := os.Stat(target); !errors.Is(serr, os.ErrNotExist) {
+				t.Errorf("an invalid request left the target behind")
+			}
+		})
+	}
+	req := harness.PublishRequest("vol-bad", target, nil)
+	req.VolumeCapability = &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}}
+	if _, err := n.Node.NodePublishVolume(ctx, req); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "block") {
+		t.Fatalf("block capability: %v", err)
+	}
+}
+
+func TestConcurrentPublishesOfUncachedVersionDownloadOnce(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{Tenant: faketenant.Options{ModuleSize: 4 << 20}})
+	ctx := harness.Ctx(t)
+	const count = 200
+	var wg sync.WaitGroup
+	errs := make(chan error, count)
+	for i := range count {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := "vol-c-" + strconv.Itoa(i)
+			target := filepath.Join(n.TargetRoot, id, "mount")
+			// Retry non-final codes as kubelet does.
+			for {
+				_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest(id, target, nil))
+				if c := status.Code(err); c == codes.Unavailable || c == codes.Aborted {
+					time.Sleep(20 * time.Millisecond)
+					continue
+				}
+				errs <- err
+				return
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d := n.Tenant.Requests(faketenant.RouteDownload); d != 1 {
+		t.Fatalf("%d downloads for %d concurrent publishes, want 1", d, count)
+	}
+	vols, _ := n.Index.ListVolumes()
+	if len(vols) != count {
+		t.Fatalf("%d volume records, want %d", len(vols), count)
+	}
+}
+
+func itoa(i int) string { return strings.TrimSpace(strings.Repeat(" ", 0) + fmtInt(i)) }
+
+func fmtInt(i int) string {
+	if i == 0 {
+		return "0"
+	}
+	var b []byte
+	for ; i > 0; i /= 10 {
+		b = append([]byte{byte('0' + i%10)}, b...)
+	}
+	return string(b)
+}
+
+func TestTenantDownFailsOpenAfterRetryTimeout(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{Driver: func(o *driver.Options) { o.PublishWait = 200 * time.Millisecond }})
+	ctx := harness.Ctx(t)
+	n.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultStatus})
+	target := filepath.Join(n.TargetRoot, "fo/mount")
+	req := harness.PublishRequest("vol-fo", target, map[string]string{"retryTimeout": "1s"})
+	_, err := n.Node.NodePublishVolume(ctx, req)
+	if c := status.Code(err); c != codes.Unavailable {
+		t.Fatalf("first attempt with the tenant down: %v, want Unavailable (kubelet retries)", err)
+	}
+	if _, serr := os.Stat(target); !errors.Is(serr, os.ErrNotExist) {
+		t.Errorf("a failed attempt left the target behind")
+	}
+	rec, err := n.Index.GetVolume("vol-fo")
+	if err != nil || rec.State != storage.VolumePending {
+		t.Fatalf("pending record = %+v, %v", rec, err)
+	}
+	harness.Eventually(t, 10*time.Second, "fail-open", func() bool {
+		_, err := n.Node.NodePublishVolume(ctx, req)
+		return err == nil
+	})
+	entries, err := os.ReadDir(target)
+	if err != nil || len(entries) != 0 {
+		t.Fatalf("fail-open target = %v, %v; want an empty dir", entries, err)
+	}
+	if err := os.WriteFile(filepath.Join(target, "x"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Fatalf("fail-open dir is writable: %v", err)
+	}
+	rec, _ = n.Index.GetVolume("vol-fo")
+	if rec.State != storage.VolumeFailedOpen || !strings.Contains(rec.Reason, "503") {
+		t.Fatalf("record = %+v, want failedOpen with the reason", rec)
+	}
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-fo", TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestPermanentTenantErrorsSurface(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{})
+	ctx := harness.Ctx(t)
+	target := filepath.Join(n.TargetRoot, "perm/mount")
+	_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-p", target, map[string]string{"version": "1.1.1.20200101-000000"}))
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "404") || !strings.Contains(err.Error(), `"prod"`) {
+		t.Fatalf("unknown version: %v, want FailedPrecondition naming the tenant and 404", err)
+	}
+	if err := os.WriteFile(n.TenantConf.TokenFile, []byte("wrong"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-p2", target, map[string]string{"version": faketenant.DefaultVersions[0]}))
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "401") {
+		t.Fatalf("wrong token: %v, want FailedPrecondition with 401", err)
+	}
+}
+
+func TestRetriesThenSuccess(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{})
+	ctx := harness.Ctx(t)
+	n.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultStatus, Count: 2})
+	target := filepath.Join(n.TargetRoot, "retry/mount")
+	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-r", target, nil)); err != nil {
+		t.Fatalf("publish after two 503s: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(target, "agent/lib64/liboneagentproc.so")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestBusyTargetIsAborted(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{
+		Tenant: faketenant.Options{},
+		Driver: func(o *driver.Options) { o.PublishWait = 2 * time.Second },
+	})
+	ctx := harness.Ctx(t)
+	n.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultStall, Route: faketenant.RouteDownload, Stall: 3 * time.Second, Count: 1})
+	target := filepath.Join(n.TargetRoot, "busy/mount")
+	first := make(chan error, 1)
+	go func() {
+		_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-b", target, nil))
+		first <- err
+	}()
+	// Wait until the first call is inside the download, then collide.
+	harness.Eventually(t, 5*time.Second, "download to start", func() bool { return n.Tenant.Requests(faketenant.RouteDownload) > 0 })
+	_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-b", target, nil))
+	if status.Code(err) != codes.Aborted {
+		t.Fatalf("second publish on a busy target: %v, want Aborted", err)
+	}
+	// Other volumes are not blocked by the running download's lock.
+	other := filepath.Join(n.TargetRoot, "other/mount")
+	_, err = n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "x", TargetPath: other})
+	if err != nil {
+		t.Fatalf("unpublish of another target blocked: %v", err)
+	}
+	if err := <-first; status.Code(err) != codes.Unavailable {
+		t.Fatalf("first publish: %v, want Unavailable while the download runs", err)
+	}
+}
