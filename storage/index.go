@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -41,6 +42,9 @@ type Index struct {
 	commits chan commitRequest
 	stop    chan struct{}
 	stopped chan struct{}
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // OpenIndex opens or creates the index at path. It waits at most timeout for
@@ -116,13 +120,16 @@ func (x *Index) migrate() (err error) {
 	})
 }
 
-// Close closes the index. It is safe to call on a nil index.
+// Close closes the index. It is safe to call on a nil index and more than once.
 func (x *Index) Close() error {
 	if x == nil || x.db == nil {
 		return nil
 	}
-	x.stopGroupCommit()
-	return x.db.Close()
+	x.closeOnce.Do(func() {
+		x.stopGroupCommit()
+		x.closeErr = x.db.Close()
+	})
+	return x.closeErr
 }
 
 // Path is the file of the index.
