@@ -1,0 +1,50 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestNodeConfig(t *testing.T) {
+	tests := []struct {
+		name string
+		yaml string
+		want string // substring of the error; empty = valid
+	}{
+		{"valid", "nodeID: n\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\npublishWait: 5s\n", ""},
+		{"unknown key", "nodeID: n\ntenantz: []\n", "tenantz"},
+		{"bad duration", "nodeID: n\npublishWait: 5\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "duration"},
+		{"no tenants", "nodeID: n\n", "tenants"},
+		{"bad tenant name", "nodeID: n\ntenants: [{name: Prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "tenants[0].name"},
+		{"no token file", "nodeID: n\ntenants: [{name: prod, apiURL: 'https://x/api'}]\n", "tenants[0].tokenFile"},
+		{"relative data dir", "nodeID: n\ndataDir: data\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "dataDir"},
+		{"host allow without namespace", "nodeID: n\nhostAllow: [{serviceAccount: x}]\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "hostAllow[0].namespace"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "c.yaml")
+			if err := os.WriteFile(p, []byte(tc.yaml), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cfg, err := LoadNodeConfig(p)
+			if err == nil {
+				cfg.applyDefaults()
+				err = cfg.validate()
+			}
+			if tc.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if cfg.DataDir != defaultDataDir || cfg.KubeletSocket != cfg.CSISocket || !*cfg.Prefetch {
+					t.Errorf("defaults not applied: %+v", cfg)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want mention of %q", err, tc.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,148 @@
+package storage
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/afero"
+	"k8s.io/mount-utils"
+
+	"github.com/oneagent-csi/oneagent-csi/driver/api"
+)
+
+const (
+	idA = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	idB = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+)
+
+func writeArtifact(t *testing.T, fs afero.Fs, l Layout, id string) {
+	t.Helper()
+	if err := fs.MkdirAll(filepath.Join(l.Artifact(id), "agent/lib64"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f, err := fs.Create(l.ArtifactManifest(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := WriteManifest(f, ManifestHeader{Schema: 1, ArtifactID: id, Version: "1.2.3", Flavor: "default", Arch: "x86"}, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestReconcile(t *testing.T) {
+	root := t.TempDir()
+	l, _ := NewLayout(root)
+	fs := afero.NewBasePathFs(afero.NewOsFs(), root)
+	writeArtifact(t, fs, l, idA)
+	// Partial: an artifact dir without manifest (interrupted rename source can't
+	// exist, but a crash of an older version could leave this).
+	_ = fs.MkdirAll(l.Artifact(idB), 0o755)
+	_ = fs.MkdirAll(l.TmpEntry("install-123.d/agent"), 0o755)
+	_ = afero.WriteFile(fs, l.TmpEntry("install-123.zip"), []byte("partial"), 0o600)
+	_ = fs.MkdirAll(l.VolumeUpper("orphan"), 0o755)
+	_ = fs.MkdirAll(filepath.Join(l.TenantsDir(), "prod", "r1-partial", "agent"), 0o755)
+
+	// A record of a published volume that is gone from mountinfo, and a pending one.
+	idx, err := OpenIndex(l.Abs(l.IndexFile()), time.Second, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = idx.PutVolume(Volume{ID: "gone", TargetPath: "/pods/gone/mount", State: VolumePublished})
+	_ = idx.PutVolume(Volume{ID: "pending", TargetPath: "/pods/pending/mount", State: VolumePending})
+	_ = idx.PutVolume(Volume{ID: "known", TargetPath: "/pods/known/mount", State: VolumePublished, ArtifactID: idA})
+	idx.Close()
+
+	mounts := []mount.MountInfo{
+		{MountPoint: "/", Root: "/", Major: 8, Minor: 1, FsType: "ext4"},
+		{MountPoint: "/pods/known/mount", FsType: "overlay", SuperOptions: []string{"ro", "lowerdir=" + l.Abs("tenants/prod/r1-x") + ":" + l.Abs(l.Artifact(idA))}},
+		{MountPoint: "/pods/lost/mount", FsType: "overlay", SuperOptions: []string{"ro", "lowerdir=" + l.Abs("tenants/prod/r1-x") + ":" + l.Abs(l.Artifact(idA))}},
+		{MountPoint: "/pods/host/mount", FsType: "ext4", Major: 8, Minor: 1, Root: filepath.Join(root, "host/prod")},
+		{MountPoint: "/pods/failed/mount", FsType: "ext4", Major: 8, Minor: 1, Root: filepath.Join(root, "empty")},
+		{MountPoint: "/pods/foreign/mount", FsType: "overlay", SuperOptions: []string{"lowerdir=/somewhere/else"}},
+	}
+	idx, rep, err := Open(ReconcileOptions{Layout: l, Fs: fs, MountInfo: func() ([]mount.MountInfo, error) { return mounts, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idx.Close()
+	if rep.TmpEntriesRemoved != 2 || rep.ArtifactsAdded != 1 || rep.VolumesAdopted != 3 || rep.VolumesDropped != 1 || rep.VolumeDirsRemoved != 1 {
+		t.Errorf("report %+v", rep)
+	}
+	if len(rep.PartialRemoved) != 2 {
+		t.Errorf("partial removed = %v, want the manifest-less artifact and the record-less layer", rep.PartialRemoved)
+	}
+	if ok, _ := afero.DirExists(fs, l.Artifact(idB)); ok {
+		t.Error("partial artifact kept")
+	}
+	if entries, _ := afero.ReadDir(fs, l.Tmp()); len(entries) != 0 {
+		t.Errorf("tmp/ not wiped: %v", entries)
+	}
+	if a, err := idx.LookupArtifact(ArtifactKey{Version: "1.2.3", Flavor: "default", Arch: "x86"}); err != nil || a.ID != idA {
+		t.Errorf("artifact not indexed from disk: %+v, %v", a, err)
+	}
+	lost, err := idx.VolumeByTarget("/pods/lost/mount")
+	if err != nil || !lost.Adopted || lost.ArtifactID != idA || lost.Tenant != "prod" || lost.LayerRev != "r1-x" {
+		t.Errorf("lost overlay not adopted: %+v, %v", lost, err)
+	}
+	host, err := idx.VolumeByTarget("/pods/host/mount")
+	if err != nil || host.Mode != api.ModeHost || host.Tenant != "prod" {
+		t.Errorf("host bind not adopted: %+v, %v", host, err)
+	}
+	failed, err := idx.VolumeByTarget("/pods/failed/mount")
+	if err != nil || failed.State != VolumeFailedOpen {
+		t.Errorf("fail-open bind not adopted: %+v, %v", failed, err)
+	}
+	if _, err := idx.VolumeByTarget("/pods/foreign/mount"); err == nil {
+		t.Error("a foreign overlay was adopted")
+	}
+	if _, err := idx.GetVolume("gone"); err == nil {
+		t.Error("record of an unmounted published volume kept")
+	}
+	if _, err := idx.GetVolume("pending"); err != nil {
+		t.Error("pending record dropped: its first-attempt time is needed for fail-open")
+	}
+}
+
+func TestReconcileRebuildsCorruptIndex(t *testing.T) {
+	root := t.TempDir()
+	l, _ := NewLayout(root)
+	fs := afero.NewBasePathFs(afero.NewOsFs(), root)
+	writeArtifact(t, fs, l, idA)
+	if err := os.WriteFile(l.Abs(l.IndexFile()), []byte(strings.Repeat("garbage!", 1024)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	idx, rep, err := Open(ReconcileOptions{Layout: l, Fs: fs, MountInfo: func() ([]mount.MountInfo, error) { return nil, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idx.Close()
+	if !rep.IndexRebuilt || rep.CorruptIndexMovedTo == "" {
+		t.Fatalf("report %+v", rep)
+	}
+	if _, err := os.Stat(rep.CorruptIndexMovedTo); err != nil {
+		t.Errorf("corrupt index not kept aside: %v", err)
+	}
+	if arts, _ := idx.ListArtifacts(); len(arts) != 1 {
+		t.Errorf("rebuilt index has %d artifacts, want 1", len(arts))
+	}
+}
+
+func TestLayoutVolumeDirNames(t *testing.T) {
+	l, _ := NewLayout("/data")
+	for _, id := range []string{"../../etc", "a/b", "", ".hidden", strings.Repeat("x", 300)} {
+		dir := l.Volume(id)
+		if filepath.Dir(dir) != "volumes" || strings.Contains(filepath.Base(dir), "/") {
+			t.Errorf("volume id %q maps to %q, outside volumes/", id, dir)
+		}
+	}
+	if got := l.Volume("csi-abc123"); got != "volumes/csi-abc123" {
+		t.Errorf("safe id mapped to %q", got)
+	}
+	if _, err := NewLayout("relative"); err == nil {
+		t.Error("relative data dir accepted")
+	}
+}
