@@ -25,7 +25,7 @@ unit: ## run the tests that need neither root nor the binary
 	$(GO) test -race -count=1 ./driver/... ./provisioner/... ./storage/... ./cmd/...
 
 bench: build ## run the benchmarks (see BENCHMARKS.md)
-	$(GO) test -run '^$$' -bench . -benchtime 1x -count 1 -timeout 60m ./test/bench/
+	$(GO) test -run '^$$' -bench . -benchtime 3x -count 1 -timeout 60m ./test/bench/
 
 lint: ## gofmt, go vet and golangci-lint
 	test -z "$$(gofmt -l $$(git ls-files '*.go'))"

@@ -255,7 +255,9 @@ func TestUnpublishIsIdempotentAndNeedsNoRecord(t *testing.T) {
 	if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("target left behind: %v", err)
 	}
-	for _, tc := range []struct{ req *csi.NodeUnpublishVolumeRequest }{
+	for _, tc := range []struct {
+		req *csi.NodeUnpublishVolumeRequest
+	}{
 		{&csi.NodeUnpublishVolumeRequest{TargetPath: target}},
 		{&csi.NodeUnpublishVolumeRequest{VolumeId: "v"}},
 	} {
