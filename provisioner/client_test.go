@@ -6,35 +6,20 @@ import (
 	"errors"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
+	"github.com/oneagent-csi/oneagent-csi/test/harness"
 )
 
 // fastRetries keeps retry tests quick while still exercising backoff.
 var fastRetries = provisioner.ClientOptions{Attempts: 4, BackoffBase: time.Millisecond, BackoffMax: 20 * time.Millisecond, RequestTimeout: 5 * time.Second}
 
 func startTenant(t *testing.T, opts faketenant.Options) (*faketenant.Server, provisioner.Tenant) {
-	t.Helper()
-	srv, err := faketenant.Start(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Close)
-	dir := t.TempDir()
-	ca := filepath.Join(dir, "ca.pem")
-	if err := srv.WriteCA(ca); err != nil {
-		t.Fatal(err)
-	}
-	tok := filepath.Join(dir, "token")
-	if err := os.WriteFile(tok, []byte(srv.Token()+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return srv, provisioner.Tenant{Name: "prod", APIURL: srv.URL, TokenFile: tok, CAFile: ca}
+	return harness.StartTenant(t, opts)
 }
 
 func TestClientRoutes(t *testing.T) {

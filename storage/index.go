@@ -235,24 +235,7 @@ func (x *Index) TouchArtifact(id string, at time.Time) error {
 
 // DeleteArtifact removes an artifact record and every key mapping to it.
 func (x *Index) DeleteArtifact(id string) error {
-	return x.db.Update(func(tx *bolt.Tx) error {
-		keys := tx.Bucket(bucketArtifactKeys)
-		var stale [][]byte
-		if err := keys.ForEach(func(k, v []byte) error {
-			if string(v) == id {
-				stale = append(stale, append([]byte(nil), k...))
-			}
-			return nil
-		}); err != nil {
-			return err
-		}
-		for _, k := range stale {
-			if err := keys.Delete(k); err != nil {
-				return err
-			}
-		}
-		return tx.Bucket(bucketArtifacts).Delete([]byte(id))
-	})
+	return x.db.Update(func(tx *bolt.Tx) error { return deleteArtifactTx(tx, id) })
 }
 
 func layerKey(tenant, rev string) string { return tenant + "/" + rev }
