@@ -312,7 +312,7 @@ func (d *Driver) unpublish(ctx context.Context, id, target string) error {
 			return fmt.Errorf("%s is still mounted after %d unmounts: %w", target, i, errUnmount)
 		}
 		if err := d.opts.Mounter.Unmount(target); err != nil {
-			return fmt.Errorf("%w: %v", errUnmount, err)
+			return fmt.Errorf("%w: %w", errUnmount, err)
 		}
 	}
 	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {

@@ -191,6 +191,7 @@ func (c *Client) do(ctx context.Context, route string, query url.Values) (*http.
 			if ctx.Err() != nil {
 				return nil, fmt.Errorf("tenant %q: GET %s: %w: %w", c.tenant.Name, route, ErrUnavailable, ctx.Err())
 			}
+			//nolint:errorlint // the cause is text only: callers classify by ErrUnavailable, not by net or context errors
 			lastErr = fmt.Errorf("tenant %q: GET %s: %w: %v", c.tenant.Name, route, ErrUnavailable, err)
 		case resp.StatusCode == http.StatusOK:
 			return resp, nil
@@ -226,6 +227,7 @@ func (c *Client) do(ctx context.Context, route string, query url.Values) (*http.
 		select {
 		case <-ctx.Done():
 			t.Stop()
+			//nolint:errorlint // the last tenant error classifies the failure, not the context
 			return nil, fmt.Errorf("%w (while waiting to retry: %v)", lastErr, ctx.Err())
 		case <-t.C:
 		}

@@ -2,11 +2,14 @@ package provisioner
 
 import (
 	"archive/zip"
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
+	"hash/crc32"
 	"io"
 	"io/fs"
 	"os"
@@ -18,6 +21,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/klauspost/compress/flate"
 	"github.com/spf13/afero"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/klog/v2"
@@ -61,7 +65,11 @@ type Extraction struct {
 }
 
 type plannedEntry struct {
-	f    *zip.File
+	f *zip.File
+	// order is the entry's place in the central directory, which is the
+	// order of the data in the file: files are extracted in this order so
+	// that the ZIP is read front to back.
+	order int
 	name string // cleaned, slash-separated, relative
 	kind string // file | dir | symlink
 	link string
@@ -119,6 +127,7 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, limits
 			files = append(files, i)
 		}
 	}
+	sort.Slice(files, func(a, b int) bool { return plan[files[a]].order < plan[files[b]].order })
 
 	var total atomic.Int64
 	var done atomic.Int64
@@ -136,14 +145,18 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, limits
 		return nil
 	})
 	stopProgress := logExtractProgress(ctx, &done, len(files))
+	closer := &closeQueue{limit: closeQueueLimit}
 	for range workers {
 		g.Go(func() error {
-			buf := make([]byte, 64<<10)
+			x := newFileExtractor(fsys, destDir, &total, limits.MaxBytes, closer)
 			for i := range work {
 				p := plan[i]
-				e, err := extractFile(gctx, fsys, destDir, p, buf, &total, limits.MaxBytes)
+				e, err := x.extract(gctx, p)
 				if err != nil {
 					return err
+				}
+				if off, err := p.f.DataOffset(); err == nil {
+					dropCache(zf, off, int64(p.f.CompressedSize64))
 				}
 				entries[i] = e
 				done.Add(1)
@@ -153,6 +166,9 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, limits
 	}
 	err = g.Wait()
 	stopProgress()
+	if derr := closer.drain(); err == nil && derr != nil {
+		err = fmt.Errorf("extract: %w", derr)
+	}
 	if err != nil {
 		return out, err
 	}
@@ -202,7 +218,7 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 	var declared uint64
 	plan := make([]plannedEntry, 0, len(zr.File))
 	seen := make(map[string]string, len(zr.File))
-	for _, f := range zr.File {
+	for order, f := range zr.File {
 		name, err := cleanEntryName(f.Name)
 		if err != nil {
 			return nil, err
@@ -211,7 +227,7 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 			continue // the archive root itself
 		}
 		mode := f.Mode()
-		p := plannedEntry{f: f, name: name}
+		p := plannedEntry{f: f, name: name, order: order}
 		switch {
 		case mode.IsDir():
 			p.kind = "dir"
@@ -231,6 +247,9 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 			p.link = target
 		case mode.IsRegular():
 			p.kind = "file"
+			if f.Method != zip.Store && f.Method != zip.Deflate {
+				return nil, badArchive("entry %s uses compression method %d (only store and deflate are supported)", name, f.Method)
+			}
 			declared += f.UncompressedSize64
 			if f.UncompressedSize64 > ratioCheckMin && float64(f.UncompressedSize64) > limits.MaxRatio*float64(max(f.CompressedSize64, 1)) {
 				return nil, badArchive("entry %s expands %d -> %d bytes, more than the ratio limit %.0f", name, f.CompressedSize64, f.UncompressedSize64, limits.MaxRatio)
@@ -238,7 +257,7 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 		default:
 			return nil, badArchive("entry %s has unsupported type %s (devices, pipes and sockets are refused)", name, mode.Type())
 		}
-		if prev, dup := seen[name]; dup && !(prev == "dir" && p.kind == "dir") {
+		if prev, dup := seen[name]; dup && (prev != "dir" || p.kind != "dir") {
 			return nil, badArchive("entry %s appears twice", name)
 		}
 		seen[name] = p.kind
@@ -314,7 +333,36 @@ func readLink(f *zip.File) (string, error) {
 	return string(b), nil
 }
 
-func extractFile(ctx context.Context, fsys afero.Fs, destDir string, p plannedEntry, buf []byte, total *atomic.Int64, maxBytes int64) (storage.ManifestEntry, error) {
+// fileExtractor extracts one file at a time and keeps its buffers and
+// decompressor between files: a code module has ~15,000 of them.
+type fileExtractor struct {
+	fsys     afero.Fs
+	destDir  string
+	total    *atomic.Int64
+	maxBytes int64
+	closer   *closeQueue
+
+	in       *bufio.Reader // compressed bytes, read in large blocks
+	inflate  io.ReadCloser
+	out      *bufio.Writer // decompressed bytes, written in large blocks
+	sha      hash.Hash
+	crc      hash.Hash32
+	copyBuf  []byte
+	sum      []byte
+	checksum io.Writer
+}
+
+func newFileExtractor(fsys afero.Fs, destDir string, total *atomic.Int64, maxBytes int64, closer *closeQueue) *fileExtractor {
+	x := &fileExtractor{fsys: fsys, destDir: destDir, total: total, maxBytes: maxBytes, closer: closer,
+		in: bufio.NewReaderSize(nil, 256<<10), out: bufio.NewWriterSize(nil, 256<<10),
+		sha: sha256.New(), crc: crc32.NewIEEE(), copyBuf: make([]byte, 64<<10)}
+	x.checksum = io.MultiWriter(x.sha, x.crc)
+	return x
+}
+
+// extract writes one regular file, checking its size and CRC-32 against the
+// central directory, and returns its manifest entry.
+func (x *fileExtractor) extract(ctx context.Context, p plannedEntry) (storage.ManifestEntry, error) {
 	if err := ctx.Err(); err != nil {
 		return storage.ManifestEntry{}, err
 	}
@@ -322,39 +370,60 @@ func extractFile(ctx context.Context, fsys afero.Fs, destDir string, p plannedEn
 	if p.f.Mode()&0o111 != 0 {
 		perm = 0o755
 	}
-	r, err := p.f.Open()
+	raw, err := p.f.OpenRaw()
 	if err != nil {
 		return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
 	}
-	defer r.Close()
-	dst := filepath.Join(destDir, filepath.FromSlash(p.name))
-	f, err := fsys.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	x.in.Reset(raw)
+	var src io.Reader = x.in
+	if p.f.Method == zip.Deflate {
+		if x.inflate == nil {
+			x.inflate = flate.NewReader(x.in)
+		} else if err := x.inflate.(flate.Resetter).Reset(x.in, nil); err != nil {
+			return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
+		}
+		src = x.inflate
+	}
+	dst := filepath.Join(x.destDir, filepath.FromSlash(p.name))
+	f, err := x.fsys.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
 	if err != nil {
 		return storage.ManifestEntry{}, fmt.Errorf("extract %s: %w", p.name, err)
 	}
 	w := newWriteBehind(f)
-	h := sha256.New()
+	x.out.Reset(w)
+	x.sha.Reset()
+	x.crc.Reset()
 	// Read at most one byte more than declared: a lying header is caught
 	// without writing an unbounded stream.
-	limited := io.LimitReader(r, int64(p.f.UncompressedSize64)+1)
-	n, err := io.CopyBuffer(io.MultiWriter(w, h), countingReader{limited, total, maxBytes}, buf)
-	cerr := w.Close()
+	limited := io.LimitReader(src, int64(p.f.UncompressedSize64)+1)
+	n, err := io.CopyBuffer(io.MultiWriter(x.out, x.checksum), countingReader{limited, x.total, x.maxBytes}, x.copyBuf)
+	if err == nil {
+		err = x.out.Flush()
+	}
+	x.out.Reset(nil)
+	cerr := x.closer.add(w)
+	var pathErr *fs.PathError
 	switch {
-	case errors.Is(err, zip.ErrChecksum), errors.Is(err, zip.ErrFormat), errors.Is(err, io.ErrUnexpectedEOF):
-		return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
 	case errors.Is(err, ErrBadArchive):
 		return storage.ManifestEntry{}, err
+	case errors.As(err, &pathErr):
+		// Writing the file or reading the ZIP from disk failed: not the
+		// archive's fault.
+		return storage.ManifestEntry{}, fmt.Errorf("extract %s: %w", p.name, err)
 	case err != nil:
 		return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
 	case cerr != nil:
 		return storage.ManifestEntry{}, fmt.Errorf("extract %s: %w", p.name, cerr)
 	case uint64(n) != p.f.UncompressedSize64:
 		return storage.ManifestEntry{}, badArchive("entry %s has %d bytes, header says %d", p.name, n, p.f.UncompressedSize64)
+	case x.crc.Sum32() != p.f.CRC32:
+		return storage.ManifestEntry{}, badArchive("entry %s: checksum error (CRC-32 %08x, central directory says %08x)", p.name, x.crc.Sum32(), p.f.CRC32)
 	}
-	if err := fsys.Chmod(dst, perm); err != nil { // umask-independent
+	if err := x.fsys.Chmod(dst, perm); err != nil { // umask-independent
 		return storage.ManifestEntry{}, err
 	}
-	return storage.ManifestEntry{Path: p.name, Type: "file", Mode: uint32(perm), Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+	x.sum = x.sha.Sum(x.sum[:0])
+	return storage.ManifestEntry{Path: p.name, Type: "file", Mode: uint32(perm), Size: n, SHA256: hex.EncodeToString(x.sum)}, nil
 }
 
 // countingReader adds what it reads to a shared total and fails once the

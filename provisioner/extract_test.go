@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"math/rand/v2"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -28,6 +30,9 @@ func makeZip(t *testing.T, entries ...zipEntry) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	zw := zip.NewWriter(&buf)
+	// Method 12 (bzip2) written as plain bytes: enough for the reader to see
+	// an unsupported method.
+	zw.RegisterCompressor(12, func(w io.Writer) (io.WriteCloser, error) { return nopWriteCloser{w}, nil })
 	for _, e := range entries {
 		h := &zip.FileHeader{Name: e.name, Method: e.method}
 		if e.mode == 0 {
@@ -47,6 +52,10 @@ func makeZip(t *testing.T, entries ...zipEntry) []byte {
 	}
 	return buf.Bytes()
 }
+
+type nopWriteCloser struct{ io.Writer }
+
+func (nopWriteCloser) Close() error { return nil }
 
 func extractBytes(t *testing.T, fsys afero.Fs, data []byte, limits provisioner.Limits) (provisioner.Extraction, error) {
 	t.Helper()
@@ -79,6 +88,7 @@ func TestExtractRejectsUnsafeArchives(t *testing.T) {
 		{"too many entries", []zipEntry{{name: "a"}, {name: "b"}, {name: "c"}}, provisioner.Limits{MaxEntries: 2}, "entries exceed"},
 		{"too big", []zipEntry{{name: "a", data: make([]byte, 2048)}}, provisioner.Limits{MaxBytes: 1024}, "exceeds the limit"},
 		{"zip bomb ratio", []zipEntry{{name: "bomb", data: zeros, method: zip.Deflate}}, provisioner.Limits{}, "ratio limit"},
+		{"unsupported method", []zipEntry{{name: "a.bz2", data: []byte("x"), method: 12}}, provisioner.Limits{}, "compression method 12"},
 		{"reserved name", []zipEntry{{name: ".oneagent-csi-manifest", data: []byte("{}")}}, provisioner.Limits{}, "reserved"},
 	}
 	for _, tc := range tests {
@@ -96,14 +106,31 @@ func TestExtractRejectsUnsafeArchives(t *testing.T) {
 }
 
 func TestExtractDetectsCorruption(t *testing.T) {
-	data := makeZip(t, zipEntry{name: "agent/lib64/lib.so", data: bytes.Repeat([]byte("0123456789abcdef"), 8192), method: zip.Store})
-	// Flip a byte inside the stored file data: the CRC must catch it.
-	i := bytes.Index(data, []byte("0123456789abcdef"))
-	data[i+100] ^= 0xff
-	fsys := afero.NewMemMapFs()
-	_, err := extractBytes(t, fsys, data, provisioner.Limits{})
-	if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "checksum") {
-		t.Fatalf("err = %v, want checksum error", err)
+	// Text-like, so that deflate compresses it within the ratio limit.
+	rng := rand.New(rand.NewPCG(1, 2))
+	content := make([]byte, 128<<10)
+	for i := range content {
+		content[i] = "abcdefghijklmnopqrstuvwxyz 0123456789\n"[rng.IntN(38)]
+	}
+	for _, tc := range []struct {
+		name   string
+		method uint16
+		flip   func(data []byte) int // offset of a byte inside the file data
+	}{
+		{"stored", zip.Store, func(data []byte) int { return bytes.Index(data, content[:16]) + 100 }},
+		// The deflate stream starts right after the 30 byte local header
+		// and the name.
+		{"deflated", zip.Deflate, func(data []byte) int { return 30 + len("agent/lib64/lib.so") + 2 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			data := makeZip(t, zipEntry{name: "agent/lib64/lib.so", data: content, method: tc.method})
+			data[tc.flip(data)] ^= 0xff
+			root := t.TempDir()
+			_, err := extractBytes(t, afero.NewBasePathFs(afero.NewOsFs(), root), data, provisioner.Limits{})
+			if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "agent/lib64/lib.so") {
+				t.Fatalf("err = %v, want a bad archive error naming the entry", err)
+			}
+		})
 	}
 }
 

@@ -482,6 +482,7 @@ func (p *Provisioner) download(ctx context.Context, c *Client, key storage.Artif
 		if ctx.Err() != nil {
 			return n, nil, fmt.Errorf("tenant %q version %s: download: %w", c.Tenant().Name, key.Version, ctx.Err())
 		}
+		//nolint:errorlint // classified by ErrUnavailable only; the cause is text
 		return n, nil, fmt.Errorf("tenant %q version %s: download broke off after %d bytes: %w: %v", c.Tenant().Name, key.Version, n, ErrUnavailable, err)
 	}
 	if total >= 0 && n != total {

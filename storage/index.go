@@ -10,6 +10,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
 
 // SchemaVersion is the index schema this build writes. Buckets carry the
@@ -53,13 +54,13 @@ type Index struct {
 func OpenIndex(path string, timeout time.Duration, readOnly bool) (*Index, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: timeout, ReadOnly: readOnly})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, bolterrors.ErrTimeout) {
 			return nil, fmt.Errorf("open index %s: locked by another process: %w", path, err)
 		}
 		if errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrPermission) {
 			return nil, fmt.Errorf("open index %s: %w", path, err)
 		}
-		return nil, fmt.Errorf("open index %s: %w: %v", path, ErrIndexCorrupt, err)
+		return nil, fmt.Errorf("open index %s: %w: %w", path, ErrIndexCorrupt, err)
 	}
 	idx := &Index{db: db}
 	if readOnly {
@@ -103,7 +104,7 @@ func (x *Index) migrate() (err error) {
 	return x.db.Update(func(tx *bolt.Tx) error {
 		for _, name := range allBuckets {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
-				return fmt.Errorf("create bucket %s: %w: %v", name, ErrIndexCorrupt, err)
+				return fmt.Errorf("create bucket %s: %w: %w", name, ErrIndexCorrupt, err)
 			}
 		}
 		meta := tx.Bucket(bucketMeta)

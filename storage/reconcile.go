@@ -266,7 +266,7 @@ func reconcile(idx *Index, o *ReconcileOptions, rep *ReconcileReport) error {
 			return err
 		}
 		for _, v := range drop {
-			klog.InfoS("dropping record of a volume that is no longer mounted", "volumeID", v.ID, "target", v.TargetPath)
+			klog.V(2).InfoS("dropping record of a volume that is no longer mounted", "volumeID", v.ID, "target", v.TargetPath)
 			if err := deleteVolume(tx, v.ID, ""); err != nil {
 				return err
 			}
@@ -289,7 +289,7 @@ func reconcile(idx *Index, o *ReconcileOptions, rep *ReconcileReport) error {
 			if m.failedOpen {
 				v.State = VolumeFailedOpen
 			}
-			klog.InfoS("adopting mount found in mountinfo", "target", target, "mode", m.mode, "artifact", m.artifactID)
+			klog.V(2).InfoS("adopting mount found in mountinfo", "target", target, "mode", m.mode, "artifact", m.artifactID)
 			if err := putVolume(tx, v); err != nil {
 				return err
 			}

@@ -243,19 +243,6 @@ func TestConcurrentPublishesOfUncachedVersionDownloadOnce(t *testing.T) {
 	}
 }
 
-func itoa(i int) string { return strings.TrimSpace(strings.Repeat(" ", 0) + fmtInt(i)) }
-
-func fmtInt(i int) string {
-	if i == 0 {
-		return "0"
-	}
-	var b []byte
-	for ; i > 0; i /= 10 {
-		b = append([]byte{byte('0' + i%10)}, b...)
-	}
-	return string(b)
-}
-
 func TestTenantDownFailsOpenAfterRetryTimeout(t *testing.T) {
 	harness.RequireRoot(t)
 	n := harness.Start(t, harness.Config{Driver: func(o *driver.Options) { o.PublishWait = 200 * time.Millisecond }})

@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,36 +24,6 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 	"github.com/oneagent-csi/oneagent-csi/test/harness"
 )
-
-var (
-	buildOnce sync.Once
-	builtBin  string
-	buildErr  error
-)
-
-// binary is $ONEAGENT_CSI_BIN (set by make test) or a fresh build.
-func binary(t *testing.T) string {
-	t.Helper()
-	if b := os.Getenv("ONEAGENT_CSI_BIN"); b != "" {
-		return b
-	}
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "oneagent-csi-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		builtBin = filepath.Join(dir, "oneagent-csi")
-		out, err := exec.Command("go", "build", "-o", builtBin, "github.com/oneagent-csi/oneagent-csi/cmd/oneagent-csi").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return builtBin
-}
 
 type nodeProc struct {
 	cmd    *exec.Cmd
@@ -103,7 +72,7 @@ func (e *env) start() *nodeProc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.cmd = exec.Command(binary(t), "node", "--config", e.config, "-v", "2")
+	p.cmd = exec.Command(harness.Binary(t), "node", "--config", e.config, "-v", "2")
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -121,7 +121,7 @@ func run(bin string, keep bool) error {
 			break
 		}
 		if ctx.Err() != nil {
-			return fmt.Errorf("node never became ready: %v", err)
+			return fmt.Errorf("node never became ready: %w", err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
