@@ -70,9 +70,9 @@ type plannedEntry struct {
 	// order of the data in the file: files are extracted in this order so
 	// that the ZIP is read front to back.
 	order int
-	name string // cleaned, slash-separated, relative
-	kind string // file | dir | symlink
-	link string
+	name  string // cleaned, slash-separated, relative
+	kind  string // file | dir | symlink
+	link  string
 }
 
 func badArchive(format string, a ...any) error {
