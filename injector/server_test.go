@@ -151,7 +151,9 @@ func TestAdmissionNeverDenies(t *testing.T) {
 		{"v1beta1 review", edit(func(r map[string]any) { r["apiVersion"] = "admission.k8s.io/v1beta1" }), "uid-ok", "admission.k8s.io/v1"},
 		{"no request", edit(func(r map[string]any) { delete(r, "request") }), "", "no request"},
 		{"no uid", edit(func(r map[string]any) { delete(req(r), "uid") }), "", "uid"},
-		{"a deployment", edit(func(r map[string]any) { req(r)["kind"] = map[string]any{"group": "apps", "version": "v1", "kind": "Deployment"} }), "uid-ok", "only core/v1 Pod"},
+		{"a deployment", edit(func(r map[string]any) {
+			req(r)["kind"] = map[string]any{"group": "apps", "version": "v1", "kind": "Deployment"}
+		}), "uid-ok", "only core/v1 Pod"},
 		{"a subresource", edit(func(r map[string]any) { req(r)["subResource"] = "ephemeralcontainers" }), "uid-ok", "subResource"},
 		{"an update", edit(func(r map[string]any) { req(r)["operation"] = "UPDATE" }), "uid-ok", "only CREATE"},
 		{"no object", edit(func(r map[string]any) { delete(req(r), "object") }), "uid-ok", "object is empty"},
