@@ -20,12 +20,14 @@ test: build ## run every test under the race detector (real mounts need root)
 	$(GO) vet $(PKGS)
 	test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -race -count=1 -timeout 20m $(PKGS)
+	$(GO) test -run '^$$' -fuzz '^FuzzAdmissionReview$$' -fuzztime 10s ./injector/
 
 unit: ## run the tests that need neither root nor the binary
-	$(GO) test -race -count=1 ./driver/... ./provisioner/... ./storage/... ./cmd/...
+	$(GO) test -race -count=1 ./driver/... ./provisioner/... ./storage/... ./injector/... ./cmd/... ./test/manifests/
 
 bench: build ## run the benchmarks (see BENCHMARKS.md)
-	$(GO) test -run '^$$' -bench . -benchtime 3x -count 1 -timeout 60m ./test/bench/
+	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -run '^$$' -bench . -benchtime 3x -count 1 -timeout 60m ./test/bench/
+	$(GO) test -run '^$$' -bench . -count 1 ./injector/
 
 lint: ## gofmt, go vet and golangci-lint
 	test -z "$$(gofmt -l $$(git ls-files '*.go'))"

@@ -216,7 +216,7 @@ func FuzzAdmissionReview(f *testing.F) {
 // writeCert writes a self-signed certificate for 127.0.0.1 with the given
 // serial number, replacing the files atomically (as a Secret volume update
 // does).
-func writeCert(t *testing.T, dir string, serial int64) *x509.Certificate {
+func writeCert(t testing.TB, dir string, serial int64) *x509.Certificate {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

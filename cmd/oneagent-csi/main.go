@@ -1,6 +1,6 @@
 // Command oneagent-csi is the single binary of oneagent-csi: the CSI node
-// driver (node) and, in later releases, the injector, the init container and
-// the cache inspector.
+// driver (node), the admission webhook (injector) and the init container of
+// injected pods (init).
 package main
 
 import (
@@ -32,7 +32,7 @@ func newRootCommand() *cobra.Command {
 	klogFlags := flag.NewFlagSet("klog", flag.ExitOnError)
 	klog.InitFlags(klogFlags)
 	root.PersistentFlags().AddGoFlag(klogFlags.Lookup("v"))
-	root.AddCommand(newNodeCommand(), &cobra.Command{
+	root.AddCommand(newNodeCommand(), newInjectorCommand(), newInitCommand(), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), version) },

@@ -136,19 +136,7 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	if err != nil {
 		return fmt.Errorf("httpAddr: %w", err)
 	}
-	httpServer := &http.Server{Handler: drv.HTTPHandler(reg), ReadHeaderTimeout: 10 * time.Second}
-	g.Go(func() error {
-		if err := httpServer.Serve(httpLn); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("http: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error {
-		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		return httpServer.Shutdown(sctx)
-	})
+	serveHTTP(g, gctx, httpLn, drv.HTTPHandler(reg), "http")
 	log.Info("serving health and metrics", "addr", httpLn.Addr().String())
 
 	if *cfg.Prefetch {
@@ -160,6 +148,24 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	err = g.Wait()
 	log.Info("stopped", "err", err)
 	return err
+}
+
+// serveHTTP serves h on l until ctx ends, then shuts down gracefully
+// (at most 5 s). l may be a TLS listener.
+func serveHTTP(g *errgroup.Group, ctx context.Context, l net.Listener, h http.Handler, name string) {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	g.Go(func() error {
+		if err := srv.Serve(l); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("%s server: %w", name, err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(sctx)
+	})
 }
 
 func serveGRPC(g *errgroup.Group, ctx context.Context, s *grpc.Server, l net.Listener, name string) {

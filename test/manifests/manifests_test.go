@@ -1,0 +1,208 @@
+// Package manifests checks the deploy/ manifests: every document decodes
+// strictly into its Kubernetes type, and the settings the design promises
+// (webhook policies, Istio labels, least privilege) are there.
+package manifests
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/injector"
+)
+
+type objects struct {
+	deployments map[string]*appsv1.Deployment
+	daemonSets  map[string]*appsv1.DaemonSet
+	webhooks    []*admissionregistrationv1.MutatingWebhookConfiguration
+	configMaps  map[string]*corev1.ConfigMap
+	namespaces  map[string]*corev1.Namespace
+	pdbs        []*policyv1.PodDisruptionBudget
+	drivers     []*storagev1.CSIDriver
+}
+
+func load(t *testing.T) objects {
+	t.Helper()
+	o := objects{deployments: map[string]*appsv1.Deployment{}, daemonSets: map[string]*appsv1.DaemonSet{},
+		configMaps: map[string]*corev1.ConfigMap{}, namespaces: map[string]*corev1.Namespace{}}
+	files, err := filepath.Glob("../../deploy/kubernetes/*.yaml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no manifests: %v", err)
+	}
+	for _, file := range files {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, doc := range strings.Split(string(data), "\n---\n") {
+			var meta struct{ APIVersion, Kind string }
+			if err := yaml.Unmarshal([]byte(doc), &meta); err != nil {
+				t.Fatalf("%s doc %d: %v", file, i, err)
+			}
+			var into any
+			switch meta.Kind {
+			case "Deployment":
+				d := &appsv1.Deployment{}
+				o.deployments[name(file)] = d
+				into = d
+			case "DaemonSet":
+				d := &appsv1.DaemonSet{}
+				o.daemonSets[name(file)] = d
+				into = d
+			case "MutatingWebhookConfiguration":
+				w := &admissionregistrationv1.MutatingWebhookConfiguration{}
+				o.webhooks = append(o.webhooks, w)
+				into = w
+			case "ConfigMap":
+				c := &corev1.ConfigMap{}
+				into = c
+				defer func() { o.configMaps[c.Name] = c }()
+			case "Namespace":
+				n := &corev1.Namespace{}
+				into = n
+				defer func() { o.namespaces[n.Name] = n }()
+			case "PodDisruptionBudget":
+				p := &policyv1.PodDisruptionBudget{}
+				o.pdbs = append(o.pdbs, p)
+				into = p
+			case "CSIDriver":
+				d := &storagev1.CSIDriver{}
+				o.drivers = append(o.drivers, d)
+				into = d
+			case "Service":
+				into = &corev1.Service{}
+			case "ServiceAccount":
+				into = &corev1.ServiceAccount{}
+			case "Secret":
+				into = &corev1.Secret{}
+			case "Issuer", "Certificate":
+				continue // cert-manager's types; not a dependency of ours
+			default:
+				t.Fatalf("%s doc %d: kind %q not checked by this test", file, i, meta.Kind)
+			}
+			if err := yaml.UnmarshalStrict([]byte(doc), into); err != nil {
+				t.Fatalf("%s doc %d (%s): %v", file, i, meta.Kind, err)
+			}
+		}
+	}
+	return o
+}
+
+func name(file string) string { return strings.TrimSuffix(filepath.Base(file), ".yaml") }
+
+func TestManifests(t *testing.T) {
+	o := load(t)
+
+	t.Run("csidriver", func(t *testing.T) {
+		if len(o.drivers) != 1 || o.drivers[0].Name != api.DefaultDriverName || o.drivers[0].Spec.PodInfoOnMount == nil || !*o.drivers[0].Spec.PodInfoOnMount {
+			t.Fatalf("CSIDriver = %+v", o.drivers)
+		}
+	})
+
+	t.Run("webhook", func(t *testing.T) {
+		if len(o.webhooks) != 1 || len(o.webhooks[0].Webhooks) != 2 {
+			t.Fatalf("want one configuration with two entries, got %+v", o.webhooks)
+		}
+		paths := map[string]bool{}
+		for _, w := range o.webhooks[0].Webhooks {
+			if w.FailurePolicy == nil || *w.FailurePolicy != admissionregistrationv1.Ignore {
+				t.Errorf("%s: failurePolicy must be Ignore", w.Name)
+			}
+			if w.SideEffects == nil || *w.SideEffects != admissionregistrationv1.SideEffectClassNone {
+				t.Errorf("%s: sideEffects must be None", w.Name)
+			}
+			if w.TimeoutSeconds == nil || *w.TimeoutSeconds > 10 {
+				t.Errorf("%s: timeoutSeconds must be set and at most 10", w.Name)
+			}
+			if w.ReinvocationPolicy == nil || *w.ReinvocationPolicy != admissionregistrationv1.IfNeededReinvocationPolicy {
+				t.Errorf("%s: reinvocationPolicy must be IfNeeded", w.Name)
+			}
+			excluded := false
+			for _, e := range w.NamespaceSelector.MatchExpressions {
+				if e.Key == "kubernetes.io/metadata.name" && e.Operator == "NotIn" {
+					excluded = true
+					for _, ns := range append(slices.Clone(injector.DefaultIgnoredNamespaces), "oneagent-csi") {
+						if !slices.Contains(e.Values, ns) {
+							t.Errorf("%s: namespace %s not excluded", w.Name, ns)
+						}
+					}
+				}
+			}
+			if !excluded {
+				t.Errorf("%s: no namespaceSelector excluding the ignored namespaces", w.Name)
+			}
+			if w.ClientConfig.Service == nil || w.ClientConfig.Service.Path == nil {
+				t.Fatalf("%s: no service path", w.Name)
+			}
+			paths[*w.ClientConfig.Service.Path] = true
+		}
+		if !paths[injector.PathNamespaceOptIn] || !paths[injector.PathPodOptIn] {
+			t.Errorf("webhook paths = %v", paths)
+		}
+	})
+
+	t.Run("injector deployment", func(t *testing.T) {
+		d := o.deployments["injector-deployment"]
+		if d == nil {
+			t.Fatal("no injector Deployment")
+		}
+		if d.Spec.Replicas == nil || *d.Spec.Replicas != 2 {
+			t.Errorf("replicas = %v, want 2", d.Spec.Replicas)
+		}
+		ps := d.Spec.Template.Spec
+		if ps.SecurityContext == nil || ps.SecurityContext.RunAsNonRoot == nil || !*ps.SecurityContext.RunAsNonRoot {
+			t.Errorf("injector pods must run as non-root")
+		}
+		if ps.AutomountServiceAccountToken == nil || *ps.AutomountServiceAccountToken {
+			t.Errorf("injector pods need no API token")
+		}
+		for _, c := range ps.Containers {
+			sc := c.SecurityContext
+			if sc == nil || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+				t.Errorf("%s: want read-only root fs and no privilege escalation", c.Name)
+			}
+		}
+		if len(o.pdbs) != 1 {
+			t.Errorf("want a PodDisruptionBudget for the injector")
+		}
+	})
+
+	t.Run("istio labels", func(t *testing.T) {
+		for name, tmpl := range map[string]corev1.PodTemplateSpec{
+			"injector": o.deployments["injector-deployment"].Spec.Template,
+			"node":     o.daemonSets["node-daemonset"].Spec.Template,
+		} {
+			if tmpl.Labels["sidecar.istio.io/inject"] != "false" || tmpl.Labels["istio.io/dataplane-mode"] != "none" {
+				t.Errorf("%s pod template labels = %v", name, tmpl.Labels)
+			}
+		}
+		ns := o.namespaces["oneagent-csi"]
+		if ns == nil || ns.Labels["istio-injection"] != "disabled" {
+			t.Errorf("namespace = %+v", ns)
+		}
+	})
+
+	t.Run("injector config loads", func(t *testing.T) {
+		cm := o.configMaps["oneagent-csi-injector"]
+		if cm == nil {
+			t.Fatal("no injector ConfigMap")
+		}
+		path := filepath.Join(t.TempDir(), "injector.yaml")
+		if err := os.WriteFile(path, []byte(cm.Data["injector.yaml"]), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := injector.LoadConfig(path); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
