@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -57,7 +58,7 @@ func BenchmarkMutate(b *testing.B) {
 }
 
 // BenchmarkAdmissionHTTPS posts AdmissionReviews over HTTPS on loopback from
-// 16 concurrent clients with keep-alive (as the API server does) and
+// 1, 4 and 16 concurrent clients with keep-alive (as the API server does) and
 // reports admissions per second and the p99 latency. The baseline serves
 // the same requests with a handler that answers a fixed allowed review
 // without decoding: the cost of TLS and HTTP alone.
@@ -80,46 +81,53 @@ func BenchmarkAdmissionHTTPS(b *testing.B) {
 		})},
 		{"webhook", s.Handler()},
 	} {
-		b.Run(tc.name, func(b *testing.B) {
-			url, client := startTLS(b, tc.handler)
-			const clients = 16
-			var next atomic.Int64
-			lat := make([]time.Duration, b.N)
-			var wg sync.WaitGroup
-			b.ResetTimer()
-			start := time.Now()
-			for range clients {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for {
-						i := next.Add(1) - 1
-						if i >= int64(b.N) {
-							return
-						}
-						t0 := time.Now()
-						resp, err := client.Post(url+PathPodOptIn, "application/json", bytes.NewReader(body))
-						if err != nil {
-							b.Error(err)
-							return
-						}
-						_, _ = io.Copy(io.Discard, resp.Body)
-						resp.Body.Close()
-						if resp.StatusCode != http.StatusOK {
-							b.Errorf("status %d", resp.StatusCode)
-						}
-						lat[i] = time.Since(t0)
-					}
-				}()
-			}
-			wg.Wait()
-			elapsed := time.Since(start)
-			b.StopTimer()
-			slices.Sort(lat)
-			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "admissions/s")
-			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "ms-p99")
-		})
+		url, client := startTLS(b, tc.handler)
+		for _, clients := range []int{1, 4, 16} {
+			b.Run(fmt.Sprintf("%s/clients=%d", tc.name, clients), func(b *testing.B) {
+				admissionLoad(b, client, url, body, clients)
+			})
+		}
 	}
+}
+
+// admissionLoad sends b.N reviews from clients concurrent clients and
+// reports throughput and p99.
+func admissionLoad(b *testing.B, client *http.Client, url string, body []byte, clients int) {
+	var next atomic.Int64
+	lat := make([]time.Duration, b.N)
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	start := time.Now()
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(b.N) {
+					return
+				}
+				t0 := time.Now()
+				resp, err := client.Post(url+PathPodOptIn, "application/json", bytes.NewReader(body))
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					b.Errorf("status %d", resp.StatusCode)
+				}
+				lat[i] = time.Since(t0)
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	slices.Sort(lat)
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "admissions/s")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "ms-p99")
 }
 
 func startTLS(b *testing.B, h http.Handler) (string, *http.Client) {

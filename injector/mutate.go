@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/utils/ptr"
@@ -204,7 +205,7 @@ func agentVolume(cfg *Config, tenant, version string) corev1.Volume {
 	attrs := map[string]string{
 		api.AttrMode:         string(api.ModeApp),
 		api.AttrDynakube:     tenant,
-		api.AttrRetryTimeout: cfg.RetryTimeout.String(),
+		api.AttrRetryTimeout: shortDuration(cfg.RetryTimeout.Duration),
 	}
 	if version != "" {
 		attrs[api.AttrVersion] = version
@@ -212,6 +213,18 @@ func agentVolume(cfg *Config, tenant, version string) corev1.Volume {
 	return corev1.Volume{Name: api.AgentVolumeName, VolumeSource: corev1.VolumeSource{CSI: &corev1.CSIVolumeSource{
 		Driver: cfg.DriverName, ReadOnly: ptr.To(true), VolumeAttributes: attrs,
 	}}}
+}
+
+// shortDuration writes 10m rather than time.Duration's 10m0s.
+func shortDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }
 
 func configVolume(cfg *Config) corev1.Volume {

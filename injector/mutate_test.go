@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	jsonpatch "github.com/evanphx/json-patch/v5"
 	appsv1 "k8s.io/api/apps/v1"
@@ -205,7 +206,7 @@ func TestMutate(t *testing.T) {
 			p.Annotations[api.VersionAnnotation] = "1.311.72.20250410-123003"
 		}), apps: []string{"app"}, check: func(t *testing.T, _, out *corev1.Pod) {
 			attrs := out.Spec.Volumes[0].CSI.VolumeAttributes
-			if attrs[api.AttrDynakube] != "staging" || attrs[api.AttrVersion] != "1.311.72.20250410-123003" {
+			if attrs[api.AttrDynakube] != "staging" || attrs[api.AttrVersion] != "1.311.72.20250410-123003" || attrs[api.AttrRetryTimeout] != "10m" {
 				t.Errorf("attributes = %v", attrs)
 			}
 		}},
@@ -430,6 +431,14 @@ func istioParts(t testing.TB, p *corev1.Pod) map[string]string {
 		out["label/"+k] = v
 	}
 	return out
+}
+
+func TestShortDuration(t *testing.T) {
+	for d, want := range map[time.Duration]string{10 * time.Minute: "10m", time.Hour: "1h", 90 * time.Second: "1m30s", 30 * time.Second: "30s", 2*time.Hour + 5*time.Minute: "2h5m"} {
+		if got := shortDuration(d); got != want {
+			t.Errorf("shortDuration(%v) = %q, want %q", d, got, want)
+		}
+	}
 }
 
 func TestMutateIstioFixtures(t *testing.T) {

@@ -17,6 +17,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -321,5 +322,32 @@ func TestNewCertReloaderNamesTheFile(t *testing.T) {
 	_, err := NewCertReloader(filepath.Join(dir, "missing.crt"), filepath.Join(dir, "missing.key"), 0)
 	if err == nil || !strings.Contains(err.Error(), "certificate file") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestDecodeMatchesEncodingJSON pins the faster decoder to encoding/json's
+// result for every fixture pod and for admission reviews.
+func TestDecodeMatchesEncodingJSON(t *testing.T) {
+	files, err := filepath.Glob(filepath.Join("testdata", "istio", "*-*.yaml"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no fixtures: %v", err)
+	}
+	for _, f := range files {
+		if strings.Contains(f, "webhookconfiguration") {
+			continue
+		}
+		pod := loadPod(t, filepath.Base(f))
+		for _, raw := range [][]byte{mustJSON(t, pod), reviewFor(t, pod, "x")} {
+			var std, fast admissionv1.AdmissionReview
+			var stdPod, fastPod corev1.Pod
+			stdErr, fastErr := json.Unmarshal(raw, &stdPod), decodeJSON(raw, &fastPod)
+			if (stdErr == nil) != (fastErr == nil) || !reflect.DeepEqual(stdPod, fastPod) {
+				t.Errorf("%s: pod decodes differently: %v / %v", f, stdErr, fastErr)
+			}
+			stdErr, fastErr = json.Unmarshal(raw, &std), decodeJSON(raw, &fast)
+			if (stdErr == nil) != (fastErr == nil) || !reflect.DeepEqual(std, fast) {
+				t.Errorf("%s: review decodes differently: %v / %v", f, stdErr, fastErr)
+			}
+		}
 	}
 }
