@@ -110,7 +110,6 @@ type closeQueue struct {
 	mu      sync.Mutex
 	pending []*writeBehind
 	bytes   int64
-	err     error
 }
 
 // closeQueueLimit is the page cache closed files may hold before the oldest
