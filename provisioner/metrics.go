@@ -6,6 +6,9 @@ type metrics struct {
 	downloads       *prometheus.CounterVec
 	downloadBytes   prometheus.Counter
 	downloadSeconds prometheus.Histogram
+	gcDeletions     *prometheus.CounterVec
+	gcFreed         prometheus.Counter
+	gcOverrun       prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -24,8 +27,31 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.25, 2, 14),
 		}),
 	}
+	m.gcDeletions = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "oneagent_csi_gc_deletions_total",
+		Help: "Things cache GC deleted, by kind (artifact, layer, volume) and reason.",
+	}, []string{"kind", "reason"})
+	m.gcFreed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "oneagent_csi_gc_freed_bytes_total",
+		Help: "Bytes of artifacts cache GC deleted.",
+	})
+	m.gcOverrun = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "oneagent_csi_cache_budget_overrun_bytes",
+		Help: "How far the cache stayed over cache.maxBytes after the last GC pass, because the rest is in use or current.",
+	})
 	if reg != nil {
-		reg.MustRegister(m.downloads, m.downloadBytes, m.downloadSeconds)
+		reg.MustRegister(m.downloads, m.downloadBytes, m.downloadSeconds, m.gcDeletions, m.gcFreed, m.gcOverrun)
 	}
 	return m
+}
+
+func (m *metrics) observeGC(r GCReport) {
+	if r.DryRun {
+		return
+	}
+	for _, d := range r.Deleted {
+		m.gcDeletions.WithLabelValues(d.Kind, d.Reason).Inc()
+	}
+	m.gcFreed.Add(float64(r.FreedBytes))
+	m.gcOverrun.Set(float64(r.OverrunBytes))
 }

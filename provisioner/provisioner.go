@@ -60,6 +60,8 @@ type Options struct {
 	Now func() time.Time
 	// Registerer receives the provisioner's metrics. Default: none.
 	Registerer prometheus.Registerer
+	// GC bounds the cache (see GCOptions for defaults).
+	GC GCOptions
 }
 
 func (o *Options) defaults() {
@@ -85,6 +87,7 @@ func (o *Options) defaults() {
 		o.Now = time.Now
 	}
 	o.Limits.defaults()
+	o.GC.defaults()
 }
 
 // DefaultArch maps GOARCH to the tenant API's arch parameter.
@@ -110,6 +113,8 @@ type Provisioner struct {
 	mu      sync.Mutex
 	latest  map[string]cachedVersion
 	configs map[string]cachedConfig
+
+	gc gcState
 }
 
 type cachedVersion struct {
@@ -129,7 +134,8 @@ func New(opts Options) (*Provisioner, error) {
 		return nil, errors.New("provisioner: Index is required")
 	}
 	p := &Provisioner{opts: opts, clients: map[string]*Client{}, latest: map[string]cachedVersion{},
-		configs: map[string]cachedConfig{}, metrics: newMetrics(opts.Registerer)}
+		configs: map[string]cachedConfig{}, metrics: newMetrics(opts.Registerer),
+		gc: gcState{leases: map[string]time.Time{}, poke: make(chan struct{}, 1)}}
 	for i, t := range opts.Tenants {
 		if !api.ValidTenantName(t.Name) {
 			return nil, fmt.Errorf("tenants[%d].name %q: must be a DNS-1035 label", i, t.Name)
@@ -207,11 +213,21 @@ func (p *Provisioner) Prepare(ctx context.Context, tenant, pin string) (Prepared
 		return out, err
 	}
 	out.Version = v
-	if out.Artifact, err = p.EnsureArtifact(ctx, tenant, v); err != nil {
-		return out, err
-	}
-	if out.Layer, err = p.EnsureLayer(ctx, tenant, out.Artifact); err != nil {
-		return out, err
+	// GC may delete the artifact between the index lookup and the lease
+	// (the lease is what keeps it from then on): look again once.
+	for attempt := 0; ; attempt++ {
+		if out.Artifact, err = p.EnsureArtifact(ctx, tenant, v); err != nil {
+			return out, err
+		}
+		if out.Layer, err = p.EnsureLayer(ctx, tenant, out.Artifact); err != nil {
+			return out, err
+		}
+		p.lease(out.Artifact.ID, storage.LayerRef(tenant, out.Layer.Rev))
+		_, aerr := p.opts.Index.GetArtifact(out.Artifact.ID)
+		_, lerr := p.opts.Index.GetLayer(tenant, out.Layer.Rev)
+		if (aerr == nil && lerr == nil) || attempt == 1 {
+			break
+		}
 	}
 	return out, nil
 }

@@ -354,19 +354,7 @@ func findOurMounts(l Layout, mounts []mount.MountInfo) map[string]ourMount {
 	root := l.Root()
 	// Bind mounts show the source as a path inside its filesystem (Root), so
 	// find where the data dir lives inside its own filesystem.
-	var dataMount *mount.MountInfo
-	for i := range mounts {
-		m := &mounts[i]
-		if (root == m.MountPoint || strings.HasPrefix(root, strings.TrimSuffix(m.MountPoint, "/")+"/")) &&
-			(dataMount == nil || len(m.MountPoint) >= len(dataMount.MountPoint)) {
-			dataMount = m
-		}
-	}
-	var rootInFs string
-	if dataMount != nil {
-		rel := strings.TrimPrefix(root, strings.TrimSuffix(dataMount.MountPoint, "/"))
-		rootInFs = filepath.Join(dataMount.Root, rel)
-	}
+	dataMount, rootInFs := dataDirMount(l, mounts)
 	for _, m := range mounts {
 		if m.MountPoint == root || strings.HasPrefix(m.MountPoint, root+"/") {
 			continue // mounts inside the data dir are not volumes

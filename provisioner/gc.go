@@ -1,0 +1,497 @@
+package provisioner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"k8s.io/klog/v2"
+	"k8s.io/mount-utils"
+
+	"github.com/oneagent-csi/oneagent-csi/storage"
+)
+
+// GCOptions bound what the cache keeps. Zero fields take the defaults.
+type GCOptions struct {
+	// KeepPrevious is how many versions before a tenant's current one are
+	// kept. Default 1; negative keeps none.
+	KeepPrevious int `json:"keepPrevious,omitempty"`
+	// MaxBytes is the disk budget of artifacts; least recently used ones not
+	// in use are deleted to meet it. Default 0: no budget.
+	MaxBytes int64 `json:"maxBytes,omitempty"`
+	// Interval between periodic passes. Default 10m.
+	Interval time.Duration `json:"-"`
+	// OrphanGrace is how long a published volume's record survives its
+	// target no longer being mounted (a lost unpublish). Default 10m.
+	// Records of volumes that never got mounted (pending) are swept after
+	// 24h: until then kubelet may still be retrying them.
+	OrphanGrace time.Duration `json:"-"`
+	// MountInfo reads the mount table. Default: /proc/self/mountinfo.
+	MountInfo func() ([]mount.MountInfo, error) `json:"-"`
+}
+
+func (o *GCOptions) defaults() {
+	if o.KeepPrevious == 0 {
+		o.KeepPrevious = 1
+	}
+	if o.KeepPrevious < 0 {
+		o.KeepPrevious = 0
+	}
+	if o.Interval == 0 {
+		o.Interval = 10 * time.Minute
+	}
+	if o.OrphanGrace == 0 {
+		o.OrphanGrace = 10 * time.Minute
+	}
+	if o.MountInfo == nil {
+		o.MountInfo = func() ([]mount.MountInfo, error) { return mount.ParseMountInfo("/proc/self/mountinfo") }
+	}
+}
+
+// pendingGrace is how long a record of a volume that never got mounted is
+// kept: kubelet retries a publish for as long as the pod exists, and the
+// record holds the first attempt that the fail-open timeout counts from.
+const pendingGrace = 24 * time.Hour
+
+// leaseTTL is how long an artifact handed out by Prepare is protected from
+// GC before its volume record (written right after the mount) takes over.
+const leaseTTL = 5 * time.Minute
+
+// GC deletion reasons.
+const (
+	ReasonSuperseded   = "superseded"    // not current and not among the kept previous versions
+	ReasonBudget       = "budget"        // least recently used, to meet cache.maxBytes
+	ReasonStaleLayer   = "stale-layer"   // an older layer revision, or its artifact is gone
+	ReasonOrphanRecord = "orphan-record" // the volume's target is no longer mounted
+)
+
+// GCDeletion is one thing GC deleted (or would delete in a dry run).
+type GCDeletion struct {
+	Kind   string `json:"kind"` // artifact | layer | volume
+	ID     string `json:"id"`
+	Detail string `json:"detail,omitempty"` // version, tenant, target
+	Bytes  int64  `json:"bytes"`
+	Reason string `json:"reason"`
+}
+
+// GCReport is the result of one pass.
+type GCReport struct {
+	DryRun     bool         `json:"dryRun"`
+	Deleted    []GCDeletion `json:"deleted"`
+	FreedBytes int64        `json:"freedBytes"`
+	// CacheBytes is what artifacts take after the pass.
+	CacheBytes int64 `json:"cacheBytes"`
+	// OverrunBytes is how far the cache stays over MaxBytes because what is
+	// left is in use or current.
+	OverrunBytes int64 `json:"overrunBytes"`
+	// InUse lists the artifacts that mounts or records use.
+	InUse []string `json:"inUse"`
+}
+
+type gcState struct {
+	mu sync.Mutex // serialises passes
+	// leaseMu guards leases and is held while a deletion is re-checked and
+	// the artifact taken out, so that Prepare cannot hand out what is
+	// being deleted.
+	leaseMu sync.Mutex
+	leases  map[string]time.Time
+	poke    chan struct{}
+}
+
+// lease protects ids (artifact ids and layer refs) from GC for leaseTTL.
+func (p *Provisioner) lease(ids ...string) {
+	p.gc.leaseMu.Lock()
+	defer p.gc.leaseMu.Unlock()
+	until := p.opts.Now().Add(leaseTTL)
+	for _, id := range ids {
+		p.gc.leases[id] = until
+	}
+}
+
+func (p *Provisioner) leased(id string, now time.Time) bool {
+	until, ok := p.gc.leases[id]
+	if ok && now.After(until) {
+		delete(p.gc.leases, id)
+		return false
+	}
+	return ok
+}
+
+// RequestGC asks for a pass soon (after an unpublish dropped a reference);
+// it never blocks.
+func (p *Provisioner) RequestGC() {
+	select {
+	case p.gc.poke <- struct{}{}:
+	default:
+	}
+}
+
+// RunGC runs a pass every Interval and after RequestGC, until ctx ends.
+func (p *Provisioner) RunGC(ctx context.Context) {
+	t := time.NewTicker(p.opts.GC.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-p.gc.poke:
+		}
+		if _, err := p.GC(ctx, false); err != nil {
+			klog.FromContext(ctx).Error(err, "cache gc failed")
+		}
+	}
+}
+
+// GC deletes what the policy (keep the current and KeepPrevious earlier
+// versions per tenant, stay within MaxBytes, least recently used first) no
+// longer needs, and sweeps records of volumes whose target is gone. Nothing
+// that a volume record, a mount (overlay lowerdir or bind source, anywhere
+// on the machine) or a fresh Prepare uses is ever deleted; that is checked
+// again just before each deletion. With dryRun nothing changes.
+func (p *Provisioner) GC(ctx context.Context, dryRun bool) (GCReport, error) {
+	p.gc.mu.Lock()
+	defer p.gc.mu.Unlock()
+	log := klog.FromContext(ctx).WithName("gc")
+	rep := GCReport{DryRun: dryRun, Deleted: []GCDeletion{}, InUse: []string{}}
+	idx, now := p.opts.Index, p.opts.Now()
+
+	arts, err := idx.ListArtifacts()
+	if err != nil {
+		return rep, err
+	}
+	layers, err := idx.ListLayers()
+	if err != nil {
+		return rep, err
+	}
+	inUse, err := p.references()
+	if err != nil {
+		return rep, err
+	}
+
+	// Orphan records first: they may be the last reference to an artifact.
+	if err := p.sweepRecords(ctx, &rep, now, dryRun); err != nil {
+		return rep, err
+	}
+	if !dryRun {
+		if inUse, err = p.references(); err != nil {
+			return rep, err
+		}
+	}
+
+	keep := p.keptArtifacts(arts, layers)
+	var total int64
+	for _, a := range arts {
+		total += a.Size
+		if inUse.artifacts[a.ID] > 0 {
+			rep.InUse = append(rep.InUse, a.ID)
+		}
+	}
+	deleted := map[string]bool{}
+	remove := func(a storage.Artifact, reason string) {
+		ok, err := p.deleteArtifact(ctx, a, reason, dryRun)
+		if err != nil {
+			log.Error(err, "cannot delete artifact", "artifact", a.ID)
+			return
+		}
+		if ok {
+			deleted[a.ID] = true
+			total -= a.Size
+			rep.FreedBytes += a.Size
+			rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "artifact", ID: a.ID, Detail: a.Version, Bytes: a.Size, Reason: reason})
+		}
+	}
+	for _, a := range arts {
+		if keep[a.ID] == "" && inUse.artifacts[a.ID] == 0 {
+			remove(a, ReasonSuperseded)
+		}
+	}
+	if max := p.opts.GC.MaxBytes; max > 0 && total > max {
+		lru := slices.Clone(arts)
+		slices.SortFunc(lru, func(a, b storage.Artifact) int { return a.LastUsed.Compare(b.LastUsed) })
+		for _, a := range lru {
+			if total <= max {
+				break
+			}
+			if deleted[a.ID] || inUse.artifacts[a.ID] > 0 || keep[a.ID] == "current" {
+				continue
+			}
+			remove(a, ReasonBudget)
+		}
+		if total > max {
+			rep.OverrunBytes = total - max
+			log.Info("cache stays over its budget: what is left is in use or current", "cacheBytes", total, "maxBytes", max, "overrunBytes", rep.OverrunBytes)
+		}
+	}
+	rep.CacheBytes = total
+
+	// Layers: keep the newest revision per tenant and artifact, and any in use.
+	newest := map[string]storage.TenantLayer{}
+	for _, lay := range layers {
+		k := lay.Tenant + "/" + lay.ArtifactID
+		if cur, ok := newest[k]; !ok || lay.Revision > cur.Revision || (lay.Revision == cur.Revision && lay.CreatedAt.After(cur.CreatedAt)) {
+			newest[lay.Tenant+"/"+lay.ArtifactID] = lay
+		}
+	}
+	for _, lay := range layers {
+		ref := storage.LayerRef(lay.Tenant, lay.Rev)
+		alive := !deleted[lay.ArtifactID] && artifactExists(arts, lay.ArtifactID) &&
+			(keep[lay.ArtifactID] != "" || inUse.artifacts[lay.ArtifactID] > 0)
+		if inUse.layers[ref] > 0 || (alive && newest[lay.Tenant+"/"+lay.ArtifactID].Rev == lay.Rev) {
+			continue
+		}
+		ok, err := p.deleteLayer(ctx, lay, dryRun)
+		if err != nil {
+			log.Error(err, "cannot delete tenant layer", "tenant", lay.Tenant, "rev", lay.Rev)
+			continue
+		}
+		if ok {
+			rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "layer", ID: ref, Detail: lay.ArtifactID, Reason: ReasonStaleLayer})
+		}
+	}
+	p.metrics.observeGC(rep)
+	return rep, nil
+}
+
+func artifactExists(arts []storage.Artifact, id string) bool {
+	return slices.ContainsFunc(arts, func(a storage.Artifact) bool { return a.ID == id })
+}
+
+type references struct {
+	artifacts map[string]int
+	layers    map[string]int
+	mounted   map[string]bool // every mount point on the machine
+}
+
+// references counts uses by volume records and by mounts.
+func (p *Provisioner) references() (references, error) {
+	mounts, err := p.opts.GC.MountInfo()
+	if err != nil {
+		return references{}, fmt.Errorf("read mountinfo: %w", err)
+	}
+	refs := storage.FindMountRefs(p.opts.Layout, mounts)
+	out := references{artifacts: refs.Artifacts, layers: refs.Layers, mounted: make(map[string]bool, len(mounts))}
+	for _, m := range mounts {
+		out.mounted[m.MountPoint] = true
+	}
+	vols, err := p.opts.Index.ListVolumes()
+	if err != nil {
+		return references{}, err
+	}
+	for _, v := range vols {
+		if v.ArtifactID != "" {
+			out.artifacts[v.ArtifactID]++
+		}
+		if v.LayerRev != "" {
+			out.layers[storage.LayerRef(v.Tenant, v.LayerRev)]++
+		}
+	}
+	return out, nil
+}
+
+// keptArtifacts maps the artifacts the version policy keeps to why:
+// "current" (a tenant's configured or last resolved version) or "previous".
+func (p *Provisioner) keptArtifacts(arts []storage.Artifact, layers []storage.TenantLayer) map[string]string {
+	keep := map[string]string{}
+	byID := map[string]storage.Artifact{}
+	for _, a := range arts {
+		byID[a.ID] = a
+	}
+	for _, name := range p.TenantNames() {
+		current := p.currentVersion(name)
+		// The tenant's versions: those it has layers for, plus the current.
+		versions := map[string][]string{}
+		for _, lay := range layers {
+			if a, ok := byID[lay.ArtifactID]; ok && lay.Tenant == name {
+				versions[a.Version] = append(versions[a.Version], a.ID)
+			}
+		}
+		for _, a := range arts {
+			if a.Version == current {
+				versions[a.Version] = append(versions[a.Version], a.ID)
+			}
+		}
+		ordered := make([]string, 0, len(versions))
+		for v := range versions {
+			ordered = append(ordered, v)
+		}
+		slices.SortFunc(ordered, func(a, b string) int { return -CompareVersions(a, b) })
+		previous := 0
+		for _, v := range ordered {
+			why := ""
+			switch {
+			case v == current:
+				why = "current"
+			case current != "" && CompareVersions(v, current) > 0:
+				why = "" // newer than current (a pin went back): not kept by policy
+			case previous < p.opts.GC.KeepPrevious:
+				previous++
+				why = "previous"
+			}
+			if why == "" {
+				continue
+			}
+			for _, id := range versions[v] {
+				if keep[id] != "current" {
+					keep[id] = why
+				}
+			}
+		}
+	}
+	return keep
+}
+
+// currentVersion is a tenant's pinned version, or its last resolved latest.
+func (p *Provisioner) currentVersion(tenant string) string {
+	c, err := p.client(tenant)
+	if err != nil {
+		return ""
+	}
+	if v := c.Tenant().Version; v != "latest" {
+		return v
+	}
+	p.mu.Lock()
+	cached, ok := p.latest[tenant]
+	p.mu.Unlock()
+	if ok {
+		return cached.version
+	}
+	if r, err := p.opts.Index.GetResolution(tenant); err == nil {
+		return r.Version
+	}
+	return ""
+}
+
+// deleteArtifact re-checks that nothing uses a, then takes it out of the
+// index and moves its tree into tmp/ (one rename; a crash leaves tmp/ to
+// the next start-up's wipe), then removes the tree. It reports false when a
+// use appeared.
+func (p *Provisioner) deleteArtifact(ctx context.Context, a storage.Artifact, reason string, dryRun bool) (bool, error) {
+	p.gc.leaseMu.Lock()
+	if p.leased(a.ID, p.opts.Now()) {
+		p.gc.leaseMu.Unlock()
+		return false, nil
+	}
+	refs, err := p.references()
+	if err != nil || refs.artifacts[a.ID] > 0 {
+		p.gc.leaseMu.Unlock()
+		return false, err
+	}
+	if dryRun {
+		p.gc.leaseMu.Unlock()
+		return true, nil
+	}
+	l, fsys := p.opts.Layout, p.opts.Fs
+	trash := l.TmpEntry(randomName("gc-"))
+	err = p.opts.Index.DeleteArtifact(a.ID)
+	if err == nil {
+		err = fsys.Rename(l.Artifact(a.ID), trash)
+		if errors.Is(err, fs.ErrNotExist) {
+			err = nil
+		}
+	}
+	p.gc.leaseMu.Unlock()
+	if err != nil {
+		return false, fmt.Errorf("delete artifact %s: %w", a.ID, err)
+	}
+	_ = fsys.RemoveAll(trash)
+	klog.FromContext(ctx).Info("deleted code module", "artifact", a.ID, "version", a.Version, "bytes", a.Size, "reason", reason)
+	return true, nil
+}
+
+func (p *Provisioner) deleteLayer(ctx context.Context, lay storage.TenantLayer, dryRun bool) (bool, error) {
+	ref := storage.LayerRef(lay.Tenant, lay.Rev)
+	p.gc.leaseMu.Lock()
+	if p.leased(ref, p.opts.Now()) {
+		p.gc.leaseMu.Unlock()
+		return false, nil
+	}
+	refs, err := p.references()
+	if err != nil || refs.layers[ref] > 0 {
+		p.gc.leaseMu.Unlock()
+		return false, err
+	}
+	if dryRun {
+		p.gc.leaseMu.Unlock()
+		return true, nil
+	}
+	l, fsys := p.opts.Layout, p.opts.Fs
+	trash := l.TmpEntry(randomName("gc-"))
+	err = p.opts.Index.DeleteLayer(lay.Tenant, lay.Rev)
+	if err == nil {
+		err = fsys.Rename(l.TenantLayer(lay.Tenant, lay.Rev), trash)
+		if errors.Is(err, fs.ErrNotExist) {
+			err = nil
+		}
+	}
+	p.gc.leaseMu.Unlock()
+	if err != nil {
+		return false, fmt.Errorf("delete tenant layer %s: %w", ref, err)
+	}
+	_ = fsys.RemoveAll(trash)
+	klog.FromContext(ctx).Info("deleted tenant layer", "tenant", lay.Tenant, "rev", lay.Rev, "artifact", lay.ArtifactID, "reason", ReasonStaleLayer)
+	return true, nil
+}
+
+// sweepRecords removes records (and per-volume dirs) of volumes whose target
+// is no longer mounted: published ones after OrphanGrace, pending ones after
+// pendingGrace.
+func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, now time.Time, dryRun bool) error {
+	refs, err := p.references()
+	if err != nil {
+		return err
+	}
+	vols, err := p.opts.Index.ListVolumes()
+	if err != nil {
+		return err
+	}
+	for _, v := range vols {
+		if refs.mounted[v.TargetPath] {
+			continue
+		}
+		since, grace := v.PublishedAt, p.opts.GC.OrphanGrace
+		if v.State == storage.VolumePending || since.IsZero() {
+			since, grace = v.FirstAttempt, pendingGrace
+		}
+		if now.Sub(since) < grace {
+			continue
+		}
+		if !dryRun {
+			if err := p.opts.Index.DeleteVolume(v.ID, v.TargetPath); err != nil {
+				return err
+			}
+			_ = p.opts.Fs.RemoveAll(p.opts.Layout.Volume(v.ID))
+			klog.FromContext(ctx).Info("removed record of a volume that is no longer mounted", "volumeID", v.ID,
+				"target", v.TargetPath, "pod", klog.KRef(v.PodNamespace, v.PodName), "state", v.State, "reason", ReasonOrphanRecord)
+		}
+		rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "volume", ID: v.ID, Detail: v.TargetPath, Reason: ReasonOrphanRecord})
+	}
+	return nil
+}
+
+// CompareVersions orders code module versions such as
+// 1.311.72.20250410-123003 numerically, part by part.
+func CompareVersions(a, b string) int {
+	split := func(s string) []string { return strings.FieldsFunc(s, func(r rune) bool { return r == '.' || r == '-' }) }
+	pa, pb := split(a), split(b)
+	for i := 0; i < len(pa) && i < len(pb); i++ {
+		na, ea := strconv.ParseUint(pa[i], 10, 64)
+		nb, eb := strconv.ParseUint(pb[i], 10, 64)
+		switch {
+		case ea == nil && eb == nil && na != nb:
+			if na < nb {
+				return -1
+			}
+			return 1
+		case (ea != nil || eb != nil) && pa[i] != pb[i]:
+			return strings.Compare(pa[i], pb[i])
+		}
+	}
+	return len(pa) - len(pb)
+}
