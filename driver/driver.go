@@ -72,6 +72,10 @@ type Options struct {
 	Now func() time.Time
 	// Registerer receives the driver's metrics. Default: none.
 	Registerer prometheus.Registerer
+	// AfterUnpublish is called after a volume was unpublished, e.g. to ask
+	// for a cache GC pass now that a reference is gone. It must not block.
+	// Default: none.
+	AfterUnpublish func()
 }
 
 // Driver implements the CSI Identity and Node services.

@@ -294,6 +294,9 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if err := d.unpublish(ctx, id, target); err != nil {
 		return nil, toStatus(err)
 	}
+	if d.opts.AfterUnpublish != nil {
+		d.opts.AfterUnpublish()
+	}
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 

@@ -9,6 +9,8 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"k8s.io/apimachinery/pkg/api/resource"
+
 	"github.com/oneagent-csi/oneagent-csi/driver"
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
@@ -53,7 +55,22 @@ type NodeConfig struct {
 	Limits           provisioner.Limits     `json:"limits,omitzero"`
 	Client           ClientConfig           `json:"client,omitzero"`
 	HostAllow        []driver.HostAllowRule `json:"hostAllow,omitempty"`
+	Cache            CacheConfig            `json:"cache,omitzero"`
+	AdminSocket      string                 `json:"adminSocket,omitempty"`
 	Tenants          []provisioner.Tenant   `json:"tenants"`
+}
+
+// CacheConfig bounds what the node keeps (see README, "Cache").
+type CacheConfig struct {
+	// KeepPrevious versions per tenant besides the current one. Default 1.
+	KeepPrevious int `json:"keepPrevious,omitempty"`
+	// MaxBytes is the artifacts' disk budget, e.g. "20Gi". Default: none.
+	MaxBytes *resource.Quantity `json:"maxBytes,omitempty"`
+	// GCInterval between passes. Default 10m.
+	GCInterval Duration `json:"gcInterval,omitzero"`
+	// OrphanGrace before the record of a volume whose target is no longer
+	// mounted is removed. Default 10m.
+	OrphanGrace Duration `json:"orphanGrace,omitzero"`
 }
 
 // ClientConfig tunes tenant requests.
@@ -71,6 +88,7 @@ const (
 	defaultCSISocket       = "/csi/csi.sock"
 	defaultRegistrationDir = "/var/lib/kubelet/plugins_registry"
 	defaultHTTPAddr        = ":9809"
+	defaultAdminSocket     = "/csi/admin.sock"
 )
 
 // LoadNodeConfig reads path (empty: defaults only). Unknown fields are errors.
@@ -111,6 +129,9 @@ func (c *NodeConfig) applyDefaults() {
 	if c.HTTPAddr == "" {
 		c.HTTPAddr = defaultHTTPAddr
 	}
+	if c.AdminSocket == "" {
+		c.AdminSocket = defaultAdminSocket
+	}
 	if c.Prefetch == nil {
 		t := true
 		c.Prefetch = &t
@@ -128,6 +149,12 @@ func (c *NodeConfig) validate() error {
 		return fmt.Errorf("dataDir %q: must be an absolute path", c.DataDir)
 	case !filepath.IsAbs(c.CSISocket):
 		return fmt.Errorf("csiSocket %q: must be an absolute path", c.CSISocket)
+	case c.AdminSocket != "-" && !filepath.IsAbs(c.AdminSocket):
+		return fmt.Errorf("adminSocket %q: must be an absolute path (or \"-\" for none)", c.AdminSocket)
+	case c.Cache.MaxBytes != nil && c.Cache.MaxBytes.Sign() < 0:
+		return fmt.Errorf("cache.maxBytes %s: must not be negative", c.Cache.MaxBytes.String())
+	case c.Cache.GCInterval.Duration < 0, c.Cache.OrphanGrace.Duration < 0:
+		return fmt.Errorf("cache.gcInterval, cache.orphanGrace: must not be negative")
 	case !filepath.IsAbs(c.KubeletSocket):
 		return fmt.Errorf("kubeletSocket %q: must be an absolute path", c.KubeletSocket)
 	case c.RegistrationDir != "" && !filepath.IsAbs(c.RegistrationDir):

@@ -18,6 +18,8 @@ import (
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 
+	"k8s.io/apimachinery/pkg/api/resource"
+
 	"github.com/oneagent-csi/oneagent-csi/driver"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
@@ -94,6 +96,8 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	prov, err := provisioner.New(provisioner.Options{
 		Layout: layout, Index: idx, Tenants: cfg.Tenants, DownloadTimeout: cfg.DownloadTimeout.Duration,
 		LatestTTL: cfg.LatestTTL.Duration, Limits: cfg.Limits, ExtractWorkers: cfg.ExtractWorkers, Registerer: reg,
+		GC: provisioner.GCOptions{KeepPrevious: cfg.Cache.KeepPrevious, MaxBytes: maxBytes(cfg.Cache.MaxBytes),
+			Interval: cfg.Cache.GCInterval.Duration, OrphanGrace: cfg.Cache.OrphanGrace.Duration},
 		Client: provisioner.ClientOptions{RequestTimeout: cfg.Client.RequestTimeout.Duration, ConnectTimeout: cfg.Client.ConnectTimeout.Duration,
 			Attempts: cfg.Client.Attempts, BackoffBase: cfg.Client.BackoffBase.Duration, BackoffMax: cfg.Client.BackoffMax.Duration},
 	})
@@ -103,6 +107,7 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	drv, err := driver.New(driver.Options{
 		DriverName: cfg.DriverName, NodeID: cfg.NodeID, Version: version, Layout: layout, Index: idx,
 		Provisioner: prov, HostAllow: cfg.HostAllow, PublishWait: cfg.PublishWait.Duration, Registerer: reg,
+		AfterUnpublish: prov.RequestGC,
 	})
 	if err != nil {
 		return err
@@ -139,6 +144,21 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	serveHTTP(g, gctx, httpLn, drv.HTTPHandler(reg), "http")
 	log.Info("serving health and metrics", "addr", httpLn.Addr().String())
 
+	if cfg.AdminSocket != "-" {
+		adminLn, err := driver.Listen(cfg.AdminSocket)
+		if err != nil {
+			return fmt.Errorf("adminSocket: %w", err)
+		}
+		inspector := &driver.Inspector{Index: idx, Layout: layout, GC: prov.GC}
+		serveHTTP(g, gctx, adminLn, driver.AdminHandler(inspector), "admin")
+		log.Info("serving the cache admin API", "socket", cfg.AdminSocket)
+	}
+	reg.MustRegister(driver.NewCacheCollector(idx))
+	g.Go(func() error {
+		prov.RunGC(gctx)
+		return nil
+	})
+
 	if *cfg.Prefetch {
 		g.Go(func() error {
 			prov.Prefetch(gctx, cfg.PrefetchInterval.Duration)
@@ -148,6 +168,13 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	err = g.Wait()
 	log.Info("stopped", "err", err)
 	return err
+}
+
+func maxBytes(q *resource.Quantity) int64 {
+	if q == nil {
+		return 0
+	}
+	return q.Value()
 }
 
 // serveHTTP serves h on l until ctx ends, then shuts down gracefully

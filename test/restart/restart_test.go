@@ -4,123 +4,20 @@
 package restart
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"sigs.k8s.io/yaml"
 
 	"github.com/oneagent-csi/oneagent-csi/storage"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 	"github.com/oneagent-csi/oneagent-csi/test/harness"
 )
-
-type nodeProc struct {
-	cmd    *exec.Cmd
-	socket string
-	conn   *grpc.ClientConn
-	node   csi.NodeClient
-	log    string
-}
-
-type env struct {
-	t       *testing.T
-	tenant  *faketenant.Server
-	dataDir string
-	targets string
-	config  string
-	socket  string
-}
-
-func newEnv(t *testing.T, opts faketenant.Options, prefetch bool) *env {
-	srv, tenant := harness.StartTenant(t, opts)
-	e := &env{t: t, tenant: srv, dataDir: t.TempDir(), targets: t.TempDir()}
-	t.Cleanup(func() { harness.UnmountAllBelow(t, e.targets) })
-	e.socket = filepath.Join(t.TempDir(), "csi.sock")
-	cfg := map[string]any{
-		"nodeID": "restart-node", "dataDir": e.dataDir, "csiSocket": e.socket, "httpAddr": "127.0.0.1:0",
-		"prefetch": prefetch, "publishWait": "30s",
-		"client":  map[string]any{"attempts": 3, "backoffBase": "10ms", "backoffMax": "100ms"},
-		"tenants": []any{tenant},
-	}
-	data, err := yaml.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.config = filepath.Join(t.TempDir(), "config.yaml")
-	if err := os.WriteFile(e.config, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return e
-}
-
-func (e *env) start() *nodeProc {
-	t := e.t
-	t.Helper()
-	p := &nodeProc{socket: e.socket, log: filepath.Join(t.TempDir(), "node.log")}
-	logf, err := os.Create(p.log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd = exec.Command(harness.Binary(t), "node", "--config", e.config, "-v", "2")
-	p.cmd.Stdout, p.cmd.Stderr = logf, logf
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if p.cmd.ProcessState == nil {
-			_ = p.cmd.Process.Kill()
-			_ = p.cmd.Wait()
-		}
-		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(p.log)
-			t.Logf("node log:\n%s", b)
-		}
-	})
-	p.conn, err = grpc.NewClient("unix://"+p.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.conn.Close() })
-	p.node = csi.NewNodeClient(p.conn)
-	id := csi.NewIdentityClient(p.conn)
-	harness.Eventually(t, 30*time.Second, "node to be ready", func() bool {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		r, err := id.Probe(ctx, &csi.ProbeRequest{})
-		return err == nil && r.GetReady().GetValue()
-	})
-	return p
-}
-
-func (p *nodeProc) kill(t *testing.T) {
-	t.Helper()
-	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	_ = p.cmd.Wait()
-}
-
-func (p *nodeProc) stop(t *testing.T) {
-	t.Helper()
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := p.cmd.Wait(); err != nil {
-		t.Fatalf("node did not stop cleanly: %v", err)
-	}
-}
 
 func dirEntries(t *testing.T, dir string) []string {
 	t.Helper()
@@ -162,10 +59,10 @@ func checkComplete(t *testing.T, dataDir, target string) {
 
 func TestKillDuringDownload(t *testing.T) {
 	harness.RequireRoot(t)
-	e := newEnv(t, faketenant.Options{ModuleSize: 2 << 20}, true)
-	e.tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultSlow, Route: faketenant.RouteDownload, Rate: 256 << 10})
-	p := e.start()
-	tmp := filepath.Join(e.dataDir, "tmp")
+	e := harness.NewProcessEnv(t, faketenant.Options{ModuleSize: 2 << 20}, true)
+	e.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultSlow, Route: faketenant.RouteDownload, Rate: 256 << 10})
+	p := e.Start()
+	tmp := filepath.Join(e.DataDir, "tmp")
 	harness.Eventually(t, 30*time.Second, "a partial download in tmp/", func() bool {
 		for _, n := range dirEntries(t, tmp) {
 			if st, err := os.Stat(filepath.Join(tmp, n)); err == nil && strings.HasSuffix(n, ".zip") && st.Size() > 0 {
@@ -174,63 +71,63 @@ func TestKillDuringDownload(t *testing.T) {
 		}
 		return false
 	})
-	p.kill(t)
-	if got := dirEntries(t, filepath.Join(e.dataDir, "artifacts")); len(got) != 0 {
+	p.Kill(t)
+	if got := dirEntries(t, filepath.Join(e.DataDir, "artifacts")); len(got) != 0 {
 		t.Fatalf("an artifact was installed from an interrupted download: %v", got)
 	}
-	e.tenant.SetFaults()
+	e.Tenant.SetFaults()
 	// Restart without prefetch so that tmp/ can be inspected after reconcile.
 	e2 := *e
-	cfg, _ := os.ReadFile(e.config)
-	e2.config = filepath.Join(t.TempDir(), "config.yaml")
-	if err := os.WriteFile(e2.config, []byte(strings.Replace(string(cfg), "prefetch: true", "prefetch: false", 1)), 0o600); err != nil {
+	cfg, _ := os.ReadFile(e.Config)
+	e2.Config = filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(e2.Config, []byte(strings.Replace(string(cfg), "prefetch: true", "prefetch: false", 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p2 := e2.start()
+	p2 := e2.Start()
 	if got := dirEntries(t, tmp); len(got) != 0 {
 		t.Fatalf("tmp/ not wiped at start-up: %v", got)
 	}
-	target := filepath.Join(e.targets, "v1/mount")
+	target := filepath.Join(e.Targets, "v1/mount")
 	ctx := harness.Ctx(t)
-	if _, err := p2.node.NodePublishVolume(ctx, harness.PublishRequest("v1", target, nil)); err != nil {
+	if _, err := p2.Node.NodePublishVolume(ctx, harness.PublishRequest("v1", target, nil)); err != nil {
 		t.Fatal(err)
 	}
-	checkComplete(t, e.dataDir, target)
-	if _, err := p2.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "v1", TargetPath: target}); err != nil {
+	checkComplete(t, e.DataDir, target)
+	if _, err := p2.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "v1", TargetPath: target}); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func TestKillWhilePublished(t *testing.T) {
 	harness.RequireRoot(t)
-	e := newEnv(t, faketenant.Options{}, false)
-	p := e.start()
+	e := harness.NewProcessEnv(t, faketenant.Options{}, false)
+	p := e.Start()
 	ctx := harness.Ctx(t)
 	var targets []string
 	for i := range 5 {
 		id := fmt.Sprintf("vol-%d", i)
-		target := filepath.Join(e.targets, id, "mount")
-		if _, err := p.node.NodePublishVolume(ctx, harness.PublishRequest(id, target, nil)); err != nil {
+		target := filepath.Join(e.Targets, id, "mount")
+		if _, err := p.Node.NodePublishVolume(ctx, harness.PublishRequest(id, target, nil)); err != nil {
 			t.Fatal(err)
 		}
 		targets = append(targets, target)
 	}
-	p.kill(t)
+	p.Kill(t)
 	for _, target := range targets {
 		if _, err := os.Stat(filepath.Join(target, "agent/lib64/liboneagentproc.so")); err != nil {
 			t.Fatalf("volume stopped serving when the node process died: %v", err)
 		}
 	}
 	// Lose the index too: the restart must rebuild it from disk and mountinfo.
-	if err := os.Remove(filepath.Join(e.dataDir, "index.db")); err != nil {
+	if err := os.Remove(filepath.Join(e.DataDir, "index.db")); err != nil {
 		t.Fatal(err)
 	}
-	p2 := e.start()
+	p2 := e.Start()
 	for _, target := range targets {
-		checkComplete(t, e.dataDir, target)
+		checkComplete(t, e.DataDir, target)
 	}
 	for i, target := range targets {
-		_, err := p2.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: fmt.Sprintf("vol-%d", i), TargetPath: target})
+		_, err := p2.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: fmt.Sprintf("vol-%d", i), TargetPath: target})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -238,8 +135,8 @@ func TestKillWhilePublished(t *testing.T) {
 			t.Fatalf("target %s left after unpublish: %v", target, err)
 		}
 	}
-	p2.stop(t)
-	layout, _ := storage.NewLayout(e.dataDir)
+	p2.Stop(t)
+	layout, _ := storage.NewLayout(e.DataDir)
 	idx, err := storage.OpenIndex(layout.Abs(layout.IndexFile()), time.Second, true)
 	if err != nil {
 		t.Fatal(err)
