@@ -81,10 +81,14 @@ func (in *Inspector) Show(ctx context.Context, key string) ([]storage.ArtifactDe
 }
 
 // Volumes lists the volume records.
-func (in *Inspector) Volumes(context.Context) ([]storage.Volume, error) { return in.Index.ListVolumes() }
+func (in *Inspector) Volumes(context.Context) ([]storage.Volume, error) {
+	return in.Index.ListVolumes()
+}
 
 // Du adds up the data dir.
-func (in *Inspector) Du(context.Context) (storage.DiskUsage, error) { return storage.Du(in.fs(), in.Layout) }
+func (in *Inspector) Du(context.Context) (storage.DiskUsage, error) {
+	return storage.Du(in.fs(), in.Layout)
+}
 
 // Verify re-hashes the artifacts matching key, or all when key is empty.
 func (in *Inspector) Verify(ctx context.Context, key string) ([]storage.VerifyResult, error) {

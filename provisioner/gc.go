@@ -478,7 +478,9 @@ func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, now time.
 // CompareVersions orders code module versions such as
 // 1.311.72.20250410-123003 numerically, part by part.
 func CompareVersions(a, b string) int {
-	split := func(s string) []string { return strings.FieldsFunc(s, func(r rune) bool { return r == '.' || r == '-' }) }
+	split := func(s string) []string {
+		return strings.FieldsFunc(s, func(r rune) bool { return r == '.' || r == '-' })
+	}
 	pa, pb := split(a), split(b)
 	for i := 0; i < len(pa) && i < len(pb); i++ {
 		na, ea := strconv.ParseUint(pa[i], 10, 64)
