@@ -4,6 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/klog/v2"
 
+	"github.com/oneagent-csi/oneagent-csi/driver/api"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
@@ -52,6 +53,12 @@ func (c cacheCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	type key struct{ mode, state string }
 	counts := map[key]int{}
+	// Every known series, zero included, so that dashboards see 0, not nothing.
+	for _, m := range []api.Mode{api.ModeApp, api.ModeHost} {
+		for _, st := range []storage.VolumeState{storage.VolumePending, storage.VolumePublished, storage.VolumeFailedOpen} {
+			counts[key{string(m), string(st)}] = 0
+		}
+	}
 	for _, v := range vols {
 		counts[key{string(v.Mode), string(v.State)}]++
 	}

@@ -153,8 +153,11 @@ func (p *Provisioner) RunGC(ctx context.Context) {
 // versions per tenant, stay within MaxBytes, least recently used first) no
 // longer needs, and sweeps records of volumes whose target is gone. Nothing
 // that a volume record, a mount (overlay lowerdir or bind source, anywhere
-// on the machine) or a fresh Prepare uses is ever deleted; that is checked
-// again just before each deletion. With dryRun nothing changes.
+// on the machine) or a fresh Prepare uses is ever deleted. Just before a
+// batch of deletions the mount table is read again and the leases checked,
+// under the lock Prepare takes its leases with; new volume records only come
+// from publishes, which hold such a lease, so the records read at the start
+// of the pass stay valid. With dryRun nothing changes.
 func (p *Provisioner) GC(ctx context.Context, dryRun bool) (GCReport, error) {
 	p.gc.mu.Lock()
 	defer p.gc.mu.Unlock()
@@ -170,19 +173,24 @@ func (p *Provisioner) GC(ctx context.Context, dryRun bool) (GCReport, error) {
 	if err != nil {
 		return rep, err
 	}
-	inUse, err := p.references()
+	vols, err := idx.ListVolumes()
 	if err != nil {
 		return rep, err
 	}
-
-	// Orphan records first: they may be the last reference to an artifact.
-	if err := p.sweepRecords(ctx, &rep, now, dryRun); err != nil {
+	mounts, err := p.mountRefs()
+	if err != nil {
 		return rep, err
 	}
-	if !dryRun {
-		if inUse, err = p.references(); err != nil {
-			return rep, err
-		}
+	// Orphan records first: they may be the last reference to an artifact.
+	if vols, err = p.sweepRecords(ctx, &rep, vols, mounts.mounted, now, dryRun); err != nil {
+		return rep, err
+	}
+	inUse := recordRefs(vols)
+	for id, n := range mounts.artifacts {
+		inUse.artifacts[id] += n
+	}
+	for ref, n := range mounts.layers {
+		inUse.layers[ref] += n
 	}
 
 	keep := p.keptArtifacts(arts, layers)
@@ -194,35 +202,47 @@ func (p *Provisioner) GC(ctx context.Context, dryRun bool) (GCReport, error) {
 		}
 	}
 	deleted := map[string]bool{}
-	remove := func(a storage.Artifact, reason string) {
-		ok, err := p.deleteArtifact(ctx, a, reason, dryRun)
-		if err != nil {
-			log.Error(err, "cannot delete artifact", "artifact", a.ID)
-			return
+	deleteArtifacts := func(cands []storage.Artifact, reason string) error {
+		items := make([]gcItem, len(cands))
+		for i, a := range cands {
+			items[i] = gcItem{artifact: a}
 		}
-		if ok {
+		done, err := p.deleteBatch(ctx, items, reason, dryRun)
+		for _, it := range done {
+			a := it.artifact
 			deleted[a.ID] = true
 			total -= a.Size
 			rep.FreedBytes += a.Size
 			rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "artifact", ID: a.ID, Detail: a.Version, Bytes: a.Size, Reason: reason})
 		}
+		return err
 	}
+	var superseded []storage.Artifact
 	for _, a := range arts {
 		if keep[a.ID] == "" && inUse.artifacts[a.ID] == 0 {
-			remove(a, ReasonSuperseded)
+			superseded = append(superseded, a)
 		}
+	}
+	if err := deleteArtifacts(superseded, ReasonSuperseded); err != nil {
+		return rep, err
 	}
 	if max := p.opts.GC.MaxBytes; max > 0 && total > max {
 		lru := slices.Clone(arts)
 		slices.SortFunc(lru, func(a, b storage.Artifact) int { return a.LastUsed.Compare(b.LastUsed) })
+		var over []storage.Artifact
+		planned := total
 		for _, a := range lru {
-			if total <= max {
+			if planned <= max {
 				break
 			}
 			if deleted[a.ID] || inUse.artifacts[a.ID] > 0 || keep[a.ID] == "current" {
 				continue
 			}
-			remove(a, ReasonBudget)
+			over = append(over, a)
+			planned -= a.Size
+		}
+		if err := deleteArtifacts(over, ReasonBudget); err != nil {
+			return rep, err
 		}
 		if total > max {
 			rep.OverrunBytes = total - max
@@ -236,27 +256,24 @@ func (p *Provisioner) GC(ctx context.Context, dryRun bool) (GCReport, error) {
 	for _, lay := range layers {
 		k := lay.Tenant + "/" + lay.ArtifactID
 		if cur, ok := newest[k]; !ok || lay.Revision > cur.Revision || (lay.Revision == cur.Revision && lay.CreatedAt.After(cur.CreatedAt)) {
-			newest[lay.Tenant+"/"+lay.ArtifactID] = lay
+			newest[k] = lay
 		}
 	}
+	var stale []gcItem
 	for _, lay := range layers {
-		ref := storage.LayerRef(lay.Tenant, lay.Rev)
 		alive := !deleted[lay.ArtifactID] && artifactExists(arts, lay.ArtifactID) &&
 			(keep[lay.ArtifactID] != "" || inUse.artifacts[lay.ArtifactID] > 0)
-		if inUse.layers[ref] > 0 || (alive && newest[lay.Tenant+"/"+lay.ArtifactID].Rev == lay.Rev) {
+		if inUse.layers[storage.LayerRef(lay.Tenant, lay.Rev)] > 0 || (alive && newest[lay.Tenant+"/"+lay.ArtifactID].Rev == lay.Rev) {
 			continue
 		}
-		ok, err := p.deleteLayer(ctx, lay, dryRun)
-		if err != nil {
-			log.Error(err, "cannot delete tenant layer", "tenant", lay.Tenant, "rev", lay.Rev)
-			continue
-		}
-		if ok {
-			rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "layer", ID: ref, Detail: lay.ArtifactID, Reason: ReasonStaleLayer})
-		}
+		stale = append(stale, gcItem{layer: lay, isLayer: true})
+	}
+	done, err := p.deleteBatch(ctx, stale, ReasonStaleLayer, dryRun)
+	for _, it := range done {
+		rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "layer", ID: storage.LayerRef(it.layer.Tenant, it.layer.Rev), Detail: it.layer.ArtifactID, Reason: ReasonStaleLayer})
 	}
 	p.metrics.observeGC(rep)
-	return rep, nil
+	return rep, err
 }
 
 func artifactExists(arts []storage.Artifact, id string) bool {
@@ -269,8 +286,8 @@ type references struct {
 	mounted   map[string]bool // every mount point on the machine
 }
 
-// references counts uses by volume records and by mounts.
-func (p *Provisioner) references() (references, error) {
+// mountRefs reads the mount table.
+func (p *Provisioner) mountRefs() (references, error) {
 	mounts, err := p.opts.GC.MountInfo()
 	if err != nil {
 		return references{}, fmt.Errorf("read mountinfo: %w", err)
@@ -280,10 +297,12 @@ func (p *Provisioner) references() (references, error) {
 	for _, m := range mounts {
 		out.mounted[m.MountPoint] = true
 	}
-	vols, err := p.opts.Index.ListVolumes()
-	if err != nil {
-		return references{}, err
-	}
+	return out, nil
+}
+
+// recordRefs counts uses by volume records.
+func recordRefs(vols []storage.Volume) references {
+	out := references{artifacts: map[string]int{}, layers: map[string]int{}}
 	for _, v := range vols {
 		if v.ArtifactID != "" {
 			out.artifacts[v.ArtifactID]++
@@ -292,7 +311,84 @@ func (p *Provisioner) references() (references, error) {
 			out.layers[storage.LayerRef(v.Tenant, v.LayerRev)]++
 		}
 	}
-	return out, nil
+	return out
+}
+
+// gcItem is an artifact or a tenant layer to delete.
+type gcItem struct {
+	artifact storage.Artifact
+	layer    storage.TenantLayer
+	isLayer  bool
+}
+
+// deleteBatch re-checks the items against a fresh mount table and the
+// leases, under the lease lock, takes each one still unused out of the
+// index and moves its tree into tmp/ (one rename; a crash leaves tmp/ to the
+// next start-up's wipe); then it removes the trees. It returns what it
+// deleted (with dryRun: what it would delete).
+func (p *Provisioner) deleteBatch(ctx context.Context, items []gcItem, reason string, dryRun bool) ([]gcItem, error) {
+	if len(items) == 0 {
+		return nil, nil
+	}
+	log := klog.FromContext(ctx).WithName("gc")
+	l, fsys, idx := p.opts.Layout, p.opts.Fs, p.opts.Index
+	var done []gcItem
+	var trash []string
+	p.gc.leaseMu.Lock()
+	mounts, err := p.mountRefs()
+	if err != nil {
+		p.gc.leaseMu.Unlock()
+		return nil, err
+	}
+	now := p.opts.Now()
+	for _, it := range items {
+		key, inUse := it.artifact.ID, mounts.artifacts[it.artifact.ID] > 0
+		if it.isLayer {
+			key = storage.LayerRef(it.layer.Tenant, it.layer.Rev)
+			inUse = mounts.layers[key] > 0
+		}
+		if inUse || p.leased(key, now) {
+			continue
+		}
+		if dryRun {
+			done = append(done, it)
+			continue
+		}
+		dir, to := l.Artifact(it.artifact.ID), l.TmpEntry(randomName("gc-"))
+		if it.isLayer {
+			dir = l.TenantLayer(it.layer.Tenant, it.layer.Rev)
+			err = idx.DeleteLayer(it.layer.Tenant, it.layer.Rev)
+		} else {
+			err = idx.DeleteArtifact(it.artifact.ID)
+		}
+		if err == nil {
+			if err = fsys.Rename(dir, to); errors.Is(err, fs.ErrNotExist) {
+				err, to = nil, ""
+			}
+		}
+		if err != nil {
+			err = fmt.Errorf("delete %s: %w", key, err)
+			break
+		}
+		done = append(done, it)
+		if to != "" {
+			trash = append(trash, to)
+		}
+	}
+	p.gc.leaseMu.Unlock()
+	for _, t := range trash {
+		_ = fsys.RemoveAll(t)
+	}
+	if !dryRun {
+		for _, it := range done {
+			if it.isLayer {
+				log.Info("deleted tenant layer", "tenant", it.layer.Tenant, "rev", it.layer.Rev, "artifact", it.layer.ArtifactID, "reason", reason)
+			} else {
+				log.Info("deleted code module", "artifact", it.artifact.ID, "version", it.artifact.Version, "bytes", it.artifact.Size, "reason", reason)
+			}
+		}
+	}
+	return done, err
 }
 
 // keptArtifacts maps the artifacts the version policy keeps to why:
@@ -368,103 +464,23 @@ func (p *Provisioner) currentVersion(tenant string) string {
 	return ""
 }
 
-// deleteArtifact re-checks that nothing uses a, then takes it out of the
-// index and moves its tree into tmp/ (one rename; a crash leaves tmp/ to
-// the next start-up's wipe), then removes the tree. It reports false when a
-// use appeared.
-func (p *Provisioner) deleteArtifact(ctx context.Context, a storage.Artifact, reason string, dryRun bool) (bool, error) {
-	p.gc.leaseMu.Lock()
-	if p.leased(a.ID, p.opts.Now()) {
-		p.gc.leaseMu.Unlock()
-		return false, nil
-	}
-	refs, err := p.references()
-	if err != nil || refs.artifacts[a.ID] > 0 {
-		p.gc.leaseMu.Unlock()
-		return false, err
-	}
-	if dryRun {
-		p.gc.leaseMu.Unlock()
-		return true, nil
-	}
-	l, fsys := p.opts.Layout, p.opts.Fs
-	trash := l.TmpEntry(randomName("gc-"))
-	err = p.opts.Index.DeleteArtifact(a.ID)
-	if err == nil {
-		err = fsys.Rename(l.Artifact(a.ID), trash)
-		if errors.Is(err, fs.ErrNotExist) {
-			err = nil
-		}
-	}
-	p.gc.leaseMu.Unlock()
-	if err != nil {
-		return false, fmt.Errorf("delete artifact %s: %w", a.ID, err)
-	}
-	_ = fsys.RemoveAll(trash)
-	klog.FromContext(ctx).Info("deleted code module", "artifact", a.ID, "version", a.Version, "bytes", a.Size, "reason", reason)
-	return true, nil
-}
-
-func (p *Provisioner) deleteLayer(ctx context.Context, lay storage.TenantLayer, dryRun bool) (bool, error) {
-	ref := storage.LayerRef(lay.Tenant, lay.Rev)
-	p.gc.leaseMu.Lock()
-	if p.leased(ref, p.opts.Now()) {
-		p.gc.leaseMu.Unlock()
-		return false, nil
-	}
-	refs, err := p.references()
-	if err != nil || refs.layers[ref] > 0 {
-		p.gc.leaseMu.Unlock()
-		return false, err
-	}
-	if dryRun {
-		p.gc.leaseMu.Unlock()
-		return true, nil
-	}
-	l, fsys := p.opts.Layout, p.opts.Fs
-	trash := l.TmpEntry(randomName("gc-"))
-	err = p.opts.Index.DeleteLayer(lay.Tenant, lay.Rev)
-	if err == nil {
-		err = fsys.Rename(l.TenantLayer(lay.Tenant, lay.Rev), trash)
-		if errors.Is(err, fs.ErrNotExist) {
-			err = nil
-		}
-	}
-	p.gc.leaseMu.Unlock()
-	if err != nil {
-		return false, fmt.Errorf("delete tenant layer %s: %w", ref, err)
-	}
-	_ = fsys.RemoveAll(trash)
-	klog.FromContext(ctx).Info("deleted tenant layer", "tenant", lay.Tenant, "rev", lay.Rev, "artifact", lay.ArtifactID, "reason", ReasonStaleLayer)
-	return true, nil
-}
-
 // sweepRecords removes records (and per-volume dirs) of volumes whose target
 // is no longer mounted: published ones after OrphanGrace, pending ones after
-// pendingGrace.
-func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, now time.Time, dryRun bool) error {
-	refs, err := p.references()
-	if err != nil {
-		return err
-	}
-	vols, err := p.opts.Index.ListVolumes()
-	if err != nil {
-		return err
-	}
+// pendingGrace. It returns the records that remain.
+func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []storage.Volume, mounted map[string]bool, now time.Time, dryRun bool) ([]storage.Volume, error) {
+	kept := vols[:0:0]
 	for _, v := range vols {
-		if refs.mounted[v.TargetPath] {
-			continue
-		}
 		since, grace := v.PublishedAt, p.opts.GC.OrphanGrace
 		if v.State == storage.VolumePending || since.IsZero() {
 			since, grace = v.FirstAttempt, pendingGrace
 		}
-		if now.Sub(since) < grace {
+		if mounted[v.TargetPath] || now.Sub(since) < grace {
+			kept = append(kept, v)
 			continue
 		}
 		if !dryRun {
 			if err := p.opts.Index.DeleteVolume(v.ID, v.TargetPath); err != nil {
-				return err
+				return nil, err
 			}
 			_ = p.opts.Fs.RemoveAll(p.opts.Layout.Volume(v.ID))
 			klog.FromContext(ctx).Info("removed record of a volume that is no longer mounted", "volumeID", v.ID,
@@ -472,7 +488,7 @@ func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, now time.
 		}
 		rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "volume", ID: v.ID, Detail: v.TargetPath, Reason: ReasonOrphanRecord})
 	}
-	return nil
+	return kept, nil
 }
 
 // CompareVersions orders code module versions such as

@@ -91,6 +91,7 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 		Provisioner: func(o *provisioner.Options) { o.Registerer = reg },
 		Driver:      func(o *driver.Options) { o.Registerer = reg },
 	})
+	reg.MustRegister(driver.NewCacheCollector(n.Index))
 	srv := httptest.NewServer(n.Driver.HTTPHandler(reg))
 	t.Cleanup(srv.Close)
 
@@ -108,11 +109,31 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-bad", target, map[string]string{"mode": "sideways"})); err == nil {
 		t.Fatal("publish with a bad mode succeeded")
 	}
+	m := scrape(t, srv.URL)
+	if got := sample(t, m, "oneagent_csi_volumes", map[string]string{"mode": "app", "state": "published"}); got != 1 {
+		t.Errorf("published app volumes while mounted = %v, want 1", got)
+	}
+	if got := sample(t, m, "oneagent_csi_cache_artifacts", map[string]string{"state": "ready"}); got != 1 {
+		t.Errorf("ready artifacts = %v, want 1", got)
+	}
+	if got := sample(t, m, "oneagent_csi_cache_bytes", nil); got <= 0 {
+		t.Errorf("cache bytes = %v, want the artifact's size", got)
+	}
 	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-m", TargetPath: target}); err != nil {
 		t.Fatal(err)
 	}
+	rep, err := n.Prov.GC(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
 
-	m := scrape(t, srv.URL)
+	m = scrape(t, srv.URL)
+	if got := sample(t, m, "oneagent_csi_volumes", map[string]string{"mode": "app", "state": "published"}); got != 0 {
+		t.Errorf("published app volumes after unpublish = %v, want 0", got)
+	}
+	if got := sample(t, m, "oneagent_csi_cache_budget_overrun_bytes", nil); got != float64(rep.OverrunBytes) {
+		t.Errorf("budget overrun = %v, want %d", got, rep.OverrunBytes)
+	}
 	checks := []struct {
 		family string
 		labels map[string]string

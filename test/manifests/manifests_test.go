@@ -6,6 +6,7 @@ package manifests
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -85,8 +86,8 @@ func load(t *testing.T) objects {
 				into = &corev1.ServiceAccount{}
 			case "Secret":
 				into = &corev1.Secret{}
-			case "Issuer", "Certificate":
-				continue // cert-manager's types; not a dependency of ours
+			case "Issuer", "Certificate", "PrometheusRule":
+				continue // cert-manager's and the Prometheus Operator's types; not dependencies of ours
 			default:
 				t.Fatalf("%s doc %d: kind %q not checked by this test", file, i, meta.Kind)
 			}
@@ -205,4 +206,58 @@ func TestManifests(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// TestPrometheusRuleUsesRealMetrics checks that every metric an alert uses
+// is one the code defines.
+func TestPrometheusRuleUsesRealMetrics(t *testing.T) {
+	data, err := os.ReadFile("../../deploy/kubernetes/prometheusrule.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rule struct {
+		Spec struct {
+			Groups []struct {
+				Rules []struct {
+					Alert string `json:"alert"`
+					Expr  string `json:"expr"`
+				} `json:"rules"`
+			} `json:"groups"`
+		} `json:"spec"`
+	}
+	if err := yaml.Unmarshal(data, &rule); err != nil {
+		t.Fatal(err)
+	}
+	defined := map[string]bool{}
+	nameRE := regexp.MustCompile(`oneagent_csi_[a-z_]+`)
+	for _, dir := range []string{"../../driver", "../../provisioner", "../../injector"} {
+		files, _ := filepath.Glob(filepath.Join(dir, "*.go"))
+		for _, f := range files {
+			src, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, n := range nameRE.FindAllString(string(src), -1) {
+				defined[n] = true
+			}
+		}
+	}
+	alerts := 0
+	for _, g := range rule.Spec.Groups {
+		for _, r := range g.Rules {
+			alerts++
+			names := nameRE.FindAllString(r.Expr, -1)
+			if len(names) == 0 {
+				t.Errorf("%s: expression %q uses no oneagent_csi metric", r.Alert, r.Expr)
+			}
+			for _, n := range names {
+				if !defined[n] {
+					t.Errorf("%s: metric %s is not defined in the code", r.Alert, n)
+				}
+			}
+		}
+	}
+	if alerts < 3 {
+		t.Errorf("%d alerts, want fail-open, download failures and disk budget", alerts)
+	}
 }
