@@ -60,12 +60,29 @@ type NodeConfig struct {
 	Tenants          []provisioner.Tenant   `json:"tenants"`
 }
 
+// Bytes is a size written as a Kubernetes quantity ("20Gi") or a number.
+type Bytes int64
+
+// UnmarshalJSON reads a quantity; the error names the field.
+func (b *Bytes) UnmarshalJSON(data []byte) error {
+	var s string
+	if err := json.Unmarshal(data, &s); err != nil {
+		s = string(data) // a bare number
+	}
+	q, err := resource.ParseQuantity(s)
+	if err != nil {
+		return fmt.Errorf("maxBytes: %q is not a size such as 20Gi or 21474836480", s)
+	}
+	*b = Bytes(q.Value())
+	return nil
+}
+
 // CacheConfig bounds what the node keeps (see README, "Cache").
 type CacheConfig struct {
 	// KeepPrevious versions per tenant besides the current one. Default 1.
 	KeepPrevious int `json:"keepPrevious,omitempty"`
 	// MaxBytes is the artifacts' disk budget, e.g. "20Gi". Default: none.
-	MaxBytes *resource.Quantity `json:"maxBytes,omitempty"`
+	MaxBytes Bytes `json:"maxBytes,omitempty"`
 	// GCInterval between passes. Default 10m.
 	GCInterval Duration `json:"gcInterval,omitzero"`
 	// OrphanGrace before the record of a volume whose target is no longer
@@ -151,8 +168,8 @@ func (c *NodeConfig) validate() error {
 		return fmt.Errorf("csiSocket %q: must be an absolute path", c.CSISocket)
 	case c.AdminSocket != "-" && !filepath.IsAbs(c.AdminSocket):
 		return fmt.Errorf("adminSocket %q: must be an absolute path (or \"-\" for none)", c.AdminSocket)
-	case c.Cache.MaxBytes != nil && c.Cache.MaxBytes.Sign() < 0:
-		return fmt.Errorf("cache.maxBytes %s: must not be negative", c.Cache.MaxBytes.String())
+	case c.Cache.MaxBytes < 0:
+		return fmt.Errorf("cache.maxBytes %d: must not be negative", c.Cache.MaxBytes)
 	case c.Cache.GCInterval.Duration < 0, c.Cache.OrphanGrace.Duration < 0:
 		return fmt.Errorf("cache.gcInterval, cache.orphanGrace: must not be negative")
 	case !filepath.IsAbs(c.KubeletSocket):

@@ -20,6 +20,10 @@ func TestNodeConfig(t *testing.T) {
 		{"bad tenant name", "nodeID: n\ntenants: [{name: Prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "tenants[0].name"},
 		{"no token file", "nodeID: n\ntenants: [{name: prod, apiURL: 'https://x/api'}]\n", "tenants[0].tokenFile"},
 		{"relative data dir", "nodeID: n\ndataDir: data\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "dataDir"},
+		{"cache settings", "nodeID: n\ncache: {keepPrevious: 2, maxBytes: 20Gi, gcInterval: 5m, orphanGrace: 1h}\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", ""},
+		{"bad cache budget", "nodeID: n\ncache: {maxBytes: lots}\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "maxBytes"},
+		{"negative cache budget", "nodeID: n\ncache: {maxBytes: -1Gi}\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "cache.maxBytes"},
+		{"relative admin socket", "nodeID: n\nadminSocket: admin.sock\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "adminSocket"},
 		{"host allow without namespace", "nodeID: n\nhostAllow: [{serviceAccount: x}]\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "hostAllow[0].namespace"},
 	}
 	for _, tc := range tests {

@@ -18,7 +18,6 @@ import (
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 
-	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/oneagent-csi/oneagent-csi/driver"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
@@ -96,7 +95,7 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	prov, err := provisioner.New(provisioner.Options{
 		Layout: layout, Index: idx, Tenants: cfg.Tenants, DownloadTimeout: cfg.DownloadTimeout.Duration,
 		LatestTTL: cfg.LatestTTL.Duration, Limits: cfg.Limits, ExtractWorkers: cfg.ExtractWorkers, Registerer: reg,
-		GC: provisioner.GCOptions{KeepPrevious: cfg.Cache.KeepPrevious, MaxBytes: maxBytes(cfg.Cache.MaxBytes),
+		GC: provisioner.GCOptions{KeepPrevious: cfg.Cache.KeepPrevious, MaxBytes: int64(cfg.Cache.MaxBytes),
 			Interval: cfg.Cache.GCInterval.Duration, OrphanGrace: cfg.Cache.OrphanGrace.Duration},
 		Client: provisioner.ClientOptions{RequestTimeout: cfg.Client.RequestTimeout.Duration, ConnectTimeout: cfg.Client.ConnectTimeout.Duration,
 			Attempts: cfg.Client.Attempts, BackoffBase: cfg.Client.BackoffBase.Duration, BackoffMax: cfg.Client.BackoffMax.Duration},
@@ -168,13 +167,6 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	err = g.Wait()
 	log.Info("stopped", "err", err)
 	return err
-}
-
-func maxBytes(q *resource.Quantity) int64 {
-	if q == nil {
-		return 0
-	}
-	return q.Value()
 }
 
 // serveHTTP serves h on l until ctx ends, then shuts down gracefully
