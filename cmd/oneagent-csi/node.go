@@ -18,7 +18,6 @@ import (
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 
-
 	"github.com/oneagent-csi/oneagent-csi/driver"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
