@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/spf13/afero"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 
@@ -73,7 +75,7 @@ const (
 
 // GCDeletion is one thing GC deleted (or would delete in a dry run).
 type GCDeletion struct {
-	Kind   string `json:"kind"` // artifact | layer | volume
+	Kind   string `json:"kind"` // artifact | layer | volume | volume-dir
 	ID     string `json:"id"`
 	Detail string `json:"detail,omitempty"` // version, tenant, target
 	Bytes  int64  `json:"bytes"`
@@ -185,6 +187,9 @@ func (p *Provisioner) GC(ctx context.Context, dryRun bool) (GCReport, error) {
 	if vols, err = p.sweepRecords(ctx, &rep, vols, mounts.mounted, now, dryRun); err != nil {
 		return rep, err
 	}
+	if err := p.sweepVolumeDirs(ctx, &rep, vols, mounts.volumeDirs, now, dryRun); err != nil {
+		return rep, err
+	}
 	inUse := recordRefs(vols)
 	for id, n := range mounts.artifacts {
 		inUse.artifacts[id] += n
@@ -281,9 +286,10 @@ func artifactExists(arts []storage.Artifact, id string) bool {
 }
 
 type references struct {
-	artifacts map[string]int
-	layers    map[string]int
-	mounted   map[string]bool // every mount point on the machine
+	artifacts  map[string]int
+	layers     map[string]int
+	mounted    map[string]bool // every mount point on the machine
+	volumeDirs map[string]bool // per-volume dirs used as overlay upper dirs
 }
 
 // mountRefs reads the mount table.
@@ -293,7 +299,7 @@ func (p *Provisioner) mountRefs() (references, error) {
 		return references{}, fmt.Errorf("read mountinfo: %w", err)
 	}
 	refs := storage.FindMountRefs(p.opts.Layout, mounts)
-	out := references{artifacts: refs.Artifacts, layers: refs.Layers, mounted: make(map[string]bool, len(mounts))}
+	out := references{artifacts: refs.Artifacts, layers: refs.Layers, mounted: make(map[string]bool, len(mounts)), volumeDirs: refs.VolumeDirs}
 	for _, m := range mounts {
 		out.mounted[m.MountPoint] = true
 	}
@@ -489,6 +495,37 @@ func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []st
 		rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "volume", ID: v.ID, Detail: v.TargetPath, Reason: ReasonOrphanRecord})
 	}
 	return kept, nil
+}
+
+// sweepVolumeDirs removes per-volume dirs (writable layers) that no record
+// refers to and no overlay uses, once they are older than OrphanGrace.
+func (p *Provisioner) sweepVolumeDirs(ctx context.Context, rep *GCReport, vols []storage.Volume, used map[string]bool, now time.Time, dryRun bool) error {
+	l, fsys := p.opts.Layout, p.opts.Fs
+	entries, err := afero.ReadDir(fsys, l.VolumesDir())
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	referenced := make(map[string]bool, len(vols))
+	for _, v := range vols {
+		referenced[storage.VolumeDirName(v.ID)] = true
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if referenced[name] || used[name] || now.Sub(e.ModTime()) < p.opts.GC.OrphanGrace {
+			continue
+		}
+		if !dryRun {
+			if err := fsys.RemoveAll(filepath.Join(l.VolumesDir(), name)); err != nil {
+				return err
+			}
+			klog.FromContext(ctx).Info("removed a per-volume dir no record or mount uses", "dir", name, "reason", ReasonOrphanRecord)
+		}
+		rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "volume-dir", ID: name, Reason: ReasonOrphanRecord})
+	}
+	return nil
 }
 
 // CompareVersions orders code module versions such as

@@ -280,7 +280,21 @@ func TestGCSweepsOrphanRecords(t *testing.T) {
 	if err := os.MkdirAll(g.layout.Abs(g.layout.VolumeUpper("lost")), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	g.mounts = []mount.MountInfo{{MountPoint: "/pods/mounted/mount", FsType: "overlay"}}
+	// Per-volume dirs: one no record refers to (old), one a live overlay
+	// uses as its upper dir (no record either), one too young to sweep.
+	for _, d := range []string{"stray", "in-use", "young"} {
+		if err := os.MkdirAll(g.layout.Abs(g.layout.VolumeUpper(d)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if d != "young" {
+			old := now.Add(-time.Hour)
+			if err := os.Chtimes(g.layout.Abs(g.layout.Volume(d)), old, old); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	g.mounts = []mount.MountInfo{{MountPoint: "/pods/mounted/mount", FsType: "overlay"},
+		{MountPoint: "/pods/writable/mount", FsType: "overlay", SuperOptions: []string{"upperdir=" + g.layout.Abs(g.layout.VolumeUpper("in-use"))}}}
 	rep, err := g.prov.GC(context.Background(), false)
 	if err != nil {
 		t.Fatal(err)
@@ -302,6 +316,12 @@ func TestGCSweepsOrphanRecords(t *testing.T) {
 	}
 	if _, err := os.Stat(g.layout.Abs(g.layout.Volume("lost"))); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("volume dir of the lost volume kept: %v", err)
+	}
+	for dir, want := range map[string]bool{"stray": false, "in-use": true, "young": true} {
+		_, err := os.Stat(g.layout.Abs(g.layout.Volume(dir)))
+		if (err == nil) != want {
+			t.Errorf("per-volume dir %s: present = %v, want %v", dir, err == nil, want)
+		}
 	}
 }
 

@@ -17,6 +17,9 @@ type MountRefs struct {
 	Layers map[string]int
 	// Targets are the mount points that serve something of this data dir.
 	Targets map[string]bool
+	// VolumeDirs are the per-volume dirs (names under volumes/) that an
+	// overlay uses as its upper dir.
+	VolumeDirs map[string]bool
 }
 
 // LayerRef is the MountRefs.Layers key of a tenant layer.
@@ -25,7 +28,8 @@ func LayerRef(tenant, rev string) string { return layerKey(tenant, rev) }
 // FindMountRefs scans a mount table for uses of the data dir's artifacts and
 // tenant layers.
 func FindMountRefs(l Layout, mounts []mount.MountInfo) MountRefs {
-	refs := MountRefs{Artifacts: map[string]int{}, Layers: map[string]int{}, Targets: map[string]bool{}}
+	refs := MountRefs{Artifacts: map[string]int{}, Layers: map[string]int{}, Targets: map[string]bool{}, VolumeDirs: map[string]bool{}}
+	volPrefix := l.Abs(l.VolumesDir()) + "/"
 	artPrefix := l.Abs(l.ArtifactsDir()) + "/"
 	layerPrefix := l.Abs(l.TenantsDir()) + "/"
 	note := func(path, target string, artPrefix, layerPrefix string) {
@@ -47,6 +51,11 @@ func FindMountRefs(l Layout, mounts []mount.MountInfo) MountRefs {
 				if lower, ok := strings.CutPrefix(o, "lowerdir="); ok {
 					for _, dir := range strings.Split(lower, ":") {
 						note(dir, m.MountPoint, artPrefix, layerPrefix)
+					}
+				}
+				if upper, ok := strings.CutPrefix(o, "upperdir="); ok {
+					if rest, ok := strings.CutPrefix(upper, volPrefix); ok {
+						refs.VolumeDirs[strings.SplitN(rest, "/", 2)[0]] = true
 					}
 				}
 			}
