@@ -8,10 +8,10 @@ GOLANGCI_LINT_VERSION ?= v2.15.0
 # Packages whose tests need root (real mounts); they skip when not root.
 PKGS := ./...
 
-.PHONY: help build test unit bench lint fmt vet run clean
+.PHONY: help build test unit e2e bench lint fmt vet run clean
 
 help: ## list the targets
-	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z0-9_-]+:.*## /{printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 build: ## build the static binary into bin/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/oneagent-csi ./cmd/oneagent-csi
@@ -21,6 +21,11 @@ test: build ## run every test under the race detector (real mounts need root)
 	test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -race -count=1 -timeout 20m $(PKGS)
 	$(GO) test -run '^$$' -fuzz '^FuzzAdmissionReview$$' -fuzztime 10s ./injector/
+
+e2e: build ## end to end against a real kube-apiserver, etcd, kubelet and containerd (root; builds them once)
+	@command -v containerd >/dev/null && command -v runc >/dev/null || { echo "e2e needs Debian's containerd and runc: apt-get install containerd runc"; exit 1; }
+	cd test/e2e && E2E_K8S_BIN=$$(scripts/build-k8s.sh) && \
+	  E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -count=1 -timeout 30m -v ./...
 
 unit: ## run the tests that need neither root nor the binary
 	$(GO) test -race -count=1 ./driver/... ./provisioner/... ./storage/... ./injector/... ./cmd/... ./test/manifests/
