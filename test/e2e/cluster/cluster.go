@@ -85,7 +85,9 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 		}
 	}
 	c.KubeletRoot = filepath.Join(c.Dir, "kubelet")
-	for _, p := range []string{"/var/lib/kubelet/device-plugins", "/var/log/containers", "/run/containerd"} {
+	// Paths kubelet and containerd create outside their configured dirs
+	// (hard-coded); removed by Stop when this run created them.
+	for _, p := range []string{"/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers", "/run/containerd"} {
 		if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
 			c.createdOutside = append(c.createdOutside, p)
 		}
