@@ -32,7 +32,7 @@ func newRootCommand() *cobra.Command {
 	klogFlags := flag.NewFlagSet("klog", flag.ExitOnError)
 	klog.InitFlags(klogFlags)
 	root.PersistentFlags().AddGoFlag(klogFlags.Lookup("v"))
-	root.AddCommand(newNodeCommand(), newInjectorCommand(), newInitCommand(), newCacheCommand(), &cobra.Command{
+	root.AddCommand(newNodeCommand(), newInjectorCommand(), newInitCommand(), newCacheCommand(), newIstioCommand(), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), version) },

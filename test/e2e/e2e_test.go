@@ -40,6 +40,7 @@ var env struct {
 	dataDir    string
 	csiSocket  string
 	injector   *exec.Cmd
+	k8sBin     string
 	skipReason string
 }
 
@@ -65,6 +66,7 @@ func run(m *testing.M) int {
 		}
 		k8sBin = strings.TrimSpace(string(out))
 	}
+	env.k8sBin = k8sBin
 	work, err := os.MkdirTemp("", "oneagent-csi-e2e-")
 	if err != nil {
 		return fail(err)
@@ -252,7 +254,7 @@ func startInjector(ctx context.Context, work string) error {
 			ReinvocationPolicy: ptr.To(admissionregistrationv1.IfNeededReinvocationPolicy),
 		}
 	}
-	mwc := &admissionregistrationv1.MutatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: "oneagent-csi-injector"},
+	mwc := &admissionregistrationv1.MutatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: "oneagent-csi-injector-e2e"},
 		Webhooks: []admissionregistrationv1.MutatingWebhook{
 			hook("namespace.injector.oneagent-csi.dynatrace.com", "/inject/namespace", metav1.LabelSelectorOpIn),
 			hook("pod.injector.oneagent-csi.dynatrace.com", "/inject/pod", metav1.LabelSelectorOpNotIn),

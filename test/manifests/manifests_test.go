@@ -14,6 +14,7 @@ import (
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	"sigs.k8s.io/yaml"
@@ -86,6 +87,10 @@ func load(t *testing.T) objects {
 				into = &corev1.ServiceAccount{}
 			case "Secret":
 				into = &corev1.Secret{}
+			case "NetworkPolicy":
+				into = &networkingv1.NetworkPolicy{}
+			case "Kustomization":
+				continue // checked in TestKustomization
 			case "Issuer", "Certificate", "PrometheusRule":
 				continue // cert-manager's and the Prometheus Operator's types; not dependencies of ours
 			default:
@@ -259,5 +264,33 @@ func TestPrometheusRuleUsesRealMetrics(t *testing.T) {
 	}
 	if alerts < 3 {
 		t.Errorf("%d alerts, want fail-open, download failures and disk budget", alerts)
+	}
+}
+
+// TestKustomization checks that the base lists every manifest but the
+// optional ones that need CRDs.
+func TestKustomization(t *testing.T) {
+	data, err := os.ReadFile("../../deploy/kubernetes/kustomization.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k struct {
+		Resources []string `json:"resources"`
+	}
+	if err := yaml.Unmarshal(data, &k); err != nil {
+		t.Fatal(err)
+	}
+	files, _ := filepath.Glob("../../deploy/kubernetes/*.yaml")
+	optional := map[string]bool{"kustomization.yaml": true, "injector-certificate.yaml": true, "prometheusrule.yaml": true}
+	for _, f := range files {
+		name := filepath.Base(f)
+		if !optional[name] && !slices.Contains(k.Resources, name) {
+			t.Errorf("%s is not in kustomization.yaml", name)
+		}
+	}
+	for _, r := range k.Resources {
+		if _, err := os.Stat(filepath.Join("../../deploy/kubernetes", r)); err != nil {
+			t.Errorf("kustomization.yaml lists %s: %v", r, err)
+		}
 	}
 }
