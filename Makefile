@@ -8,7 +8,7 @@ GOLANGCI_LINT_VERSION ?= v2.15.0
 # Packages whose tests need root (real mounts); they skip when not root.
 PKGS := ./...
 
-.PHONY: help build test unit e2e bench lint fmt vet run clean
+.PHONY: help build test unit e2e demo bench lint fmt vet run clean
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z0-9_-]+:.*## /{printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,6 +29,12 @@ e2e: build ## end to end against a real kube-apiserver, etcd, kubelet and contai
 	  { echo "e2e needs containerd, runc and gcc: apt-get install containerd runc gcc"; exit 1; }; \
 	cd test/e2e && $(GO) vet ./... && E2E_K8S_BIN=$$(scripts/build-k8s.sh) && \
 	  E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -count=1 -timeout 30m ./...
+
+demo: build ## a local cluster, fake tenant, node plugin and injector; deploys a sample app and shows the agent arrive (root)
+	@command -v containerd >/dev/null && command -v runc >/dev/null && command -v gcc >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq containerd runc gcc >/dev/null; }
+	cd test/e2e && E2E_K8S_BIN=$$(scripts/build-k8s.sh) && \
+	  E2E_DEMO=1 E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -count=1 -timeout 30m -v -run '^TestDemo$$' .
 
 unit: ## run the tests that need neither root nor the binary
 	$(GO) test -race -count=1 ./driver/... ./provisioner/... ./storage/... ./injector/... ./cmd/... ./test/manifests/
