@@ -13,6 +13,7 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
+	"github.com/oneagent-csi/oneagent-csi/test/harness"
 )
 
 type fixture struct {
@@ -47,15 +48,7 @@ func newFixture(t *testing.T, mutate func(*provisioner.Options)) *fixture {
 
 func tmpEntries(t *testing.T, l storage.Layout) []string {
 	t.Helper()
-	entries, err := os.ReadDir(l.Abs(l.Tmp()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range entries {
-		names = append(names, e.Name())
-	}
-	return names
+	return harness.DirNames(t, l.Abs(l.Tmp()))
 }
 
 func TestPrepareInstallsArtifactAndLayer(t *testing.T) {

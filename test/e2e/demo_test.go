@@ -14,6 +14,7 @@ import (
 
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
 	"github.com/oneagent-csi/oneagent-csi/injector"
+	"github.com/oneagent-csi/oneagent-csi/test/e2e/cluster"
 )
 
 // TestDemo is `make demo`: it deploys a sample app into a labelled
@@ -75,7 +76,7 @@ func TestDemo(t *testing.T) {
 	}
 	say("agent files at the target: agent/{%s}", strings.Join(names, ","))
 	slice := filepath.Join(env.c.KubeletRoot, "pods", string(pod.UID), "volumes", "kubernetes.io~empty-dir", api.ConfigVolumeName, "shop")
-	if err := poll(ctx, 30*time.Second, "markers", func() bool {
+	if err := cluster.Poll(ctx, 30*time.Second, "markers", func() bool {
 		b, _ := os.ReadFile(filepath.Join(slice, "loaded"))
 		return strings.Contains(string(b), "argv0=sleep")
 	}); err == nil {

@@ -27,7 +27,7 @@ func TestDriverAsPrivilegedPod(t *testing.T) {
 	stopCmd(env.node)
 	t.Cleanup(func() {
 		_ = env.c.Client.CoreV1().Pods("kube-system").Delete(ctx, "oneagent-csi-node", metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
-		_ = poll(ctx, 60*time.Second, "driver pod gone", func() bool {
+		_ = cluster.Poll(ctx, 60*time.Second, "driver pod gone", func() bool {
 			_, err := env.c.Client.CoreV1().Pods("kube-system").Get(ctx, "oneagent-csi-node", metav1.GetOptions{})
 			return err != nil
 		})
@@ -106,7 +106,7 @@ func TestDriverAsPrivilegedPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitRunning(ctx, t, "kube-system", "oneagent-csi-node")
-	if err := poll(ctx, 60*time.Second, "the kubelet to register the driver pod's socket", func() bool {
+	if err := cluster.Poll(ctx, 60*time.Second, "the kubelet to register the driver pod's socket", func() bool {
 		_, err := os.Stat(filepath.Join(registry, api.DefaultDriverName+"-reg.sock"))
 		return err == nil
 	}); err != nil {
@@ -133,7 +133,7 @@ func TestDriverAsPrivilegedPod(t *testing.T) {
 		t.Fatal("the host could write into the agent volume")
 	}
 	slice := filepath.Join(pods, string(pod.UID), "volumes", "kubernetes.io~empty-dir", api.ConfigVolumeName, "shop")
-	if err := poll(ctx, 30*time.Second, "markers", func() bool {
+	if err := cluster.Poll(ctx, 30*time.Second, "markers", func() bool {
 		b, _ := os.ReadFile(filepath.Join(slice, "loaded"))
 		return strings.Contains(string(b), "argv0=sleep")
 	}); err != nil {

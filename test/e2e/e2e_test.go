@@ -184,7 +184,7 @@ func startNode(ctx context.Context, work string) error {
 	if _, err := env.c.Client.StorageV1().CSIDrivers().Create(ctx, driver, metav1.CreateOptions{}); err != nil {
 		return err
 	}
-	return poll(ctx, 30*time.Second, "the kubelet to register the driver", func() bool {
+	return cluster.Poll(ctx, 30*time.Second, "the kubelet to register the driver", func() bool {
 		n, err := env.c.Client.StorageV1().CSINodes().Get(ctx, cluster.NodeName, metav1.GetOptions{})
 		if err != nil {
 			return false
@@ -266,25 +266,10 @@ func startInjector(ctx context.Context, work string) error {
 	if err := env.c.EnsureNamespace(ctx, "probe", map[string]string{api.InjectLabel: "true"}); err != nil {
 		return err
 	}
-	return poll(ctx, 30*time.Second, "the injector to answer the API server", func() bool {
+	return cluster.Poll(ctx, 30*time.Second, "the injector to answer the API server", func() bool {
 		p, err := env.c.Client.CoreV1().Pods("probe").Create(ctx, appPod("probe", nil), metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
 		return err == nil && p.Annotations[api.InjectedAnnotation] == "true"
 	})
-}
-
-func poll(ctx context.Context, timeout time.Duration, what string, cond func() bool) error {
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("timed out after %v waiting for %s", timeout, what)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-	return nil
 }
 
 // appPod is a pod as a ReplicaSet creates it (generateName, an owner, and
@@ -315,7 +300,7 @@ func deleteAllPods(ctx context.Context) {
 	for _, ns := range nss.Items {
 		_ = env.c.Client.CoreV1().Pods(ns.Name).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}, metav1.ListOptions{})
 	}
-	_ = poll(ctx, 60*time.Second, "all pods gone", func() bool {
+	_ = cluster.Poll(ctx, 60*time.Second, "all pods gone", func() bool {
 		pods, err := env.c.Client.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
 		return err == nil && len(pods.Items) == 0
 	})

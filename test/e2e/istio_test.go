@@ -153,7 +153,7 @@ func TestIstioMeshedPods(t *testing.T) {
 			}
 			pod := waitRunning(ctx, t, ns, created.Name)
 			slice := filepath.Join(env.c.KubeletRoot, "pods", string(pod.UID), "volumes", "kubernetes.io~empty-dir", api.ConfigVolumeName, "myapp")
-			if err := poll(ctx, 30*time.Second, "markers", func() bool {
+			if err := cluster.Poll(ctx, 30*time.Second, "markers", func() bool {
 				b, _ := os.ReadFile(filepath.Join(slice, "loaded"))
 				return strings.Contains(string(b), "argv0=sleep")
 			}); err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
 	"github.com/oneagent-csi/oneagent-csi/storage"
+	"github.com/oneagent-csi/oneagent-csi/test/e2e/cluster"
 )
 
 func setup(t *testing.T) context.Context {
@@ -30,7 +31,7 @@ func setup(t *testing.T) context.Context {
 func waitRunning(ctx context.Context, t *testing.T, ns, name string) *corev1.Pod {
 	t.Helper()
 	var pod *corev1.Pod
-	err := poll(ctx, 120*time.Second, "pod "+name+" running", func() bool {
+	err := cluster.Poll(ctx, 120*time.Second, "pod "+name+" running", func() bool {
 		p, err := env.c.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return false
@@ -54,7 +55,7 @@ func deletePod(ctx context.Context, t *testing.T, ns, name string) {
 	if err := env.c.Client.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := poll(ctx, 60*time.Second, "pod "+name+" gone", func() bool {
+	if err := cluster.Poll(ctx, 60*time.Second, "pod "+name+" gone", func() bool {
 		_, err := env.c.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
 		return apierrors.IsNotFound(err)
 	}); err != nil {
@@ -134,7 +135,7 @@ func TestInjectedPodRunsWithTheAgent(t *testing.T) {
 	// in the container's config slice, and the mapping in its pid 1.
 	slice := filepath.Join(env.c.KubeletRoot, "pods", uid, "volumes", "kubernetes.io~empty-dir", api.ConfigVolumeName, "shop")
 	var markers []byte
-	if err := poll(ctx, 30*time.Second, "markers", func() bool {
+	if err := cluster.Poll(ctx, 30*time.Second, "markers", func() bool {
 		markers, _ = os.ReadFile(filepath.Join(slice, "loaded"))
 		return strings.Contains(string(markers), "argv0=sleep")
 	}); err != nil {
@@ -237,7 +238,7 @@ func TestNodeRestartKeepsRunningPods(t *testing.T) {
 	if err := launchNode(); err != nil {
 		t.Fatal(err)
 	}
-	if err := poll(ctx, 30*time.Second, "node plugin back", func() bool {
+	if err := cluster.Poll(ctx, 30*time.Second, "node plugin back", func() bool {
 		return exec.Command(env.bin, "cache", "ls", "--admin-socket", env.adminSock).Run() == nil
 	}); err != nil {
 		t.Fatal(err)

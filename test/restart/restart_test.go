@@ -19,25 +19,12 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/test/harness"
 )
 
-func dirEntries(t *testing.T, dir string) []string {
-	t.Helper()
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range entries {
-		names = append(names, e.Name())
-	}
-	return names
-}
-
 // checkComplete verifies that every entry of the artifact's manifest is
 // visible at target with its size: nothing partial is served.
 func checkComplete(t *testing.T, dataDir, target string) {
 	t.Helper()
 	layout, _ := storage.NewLayout(dataDir)
-	ids := dirEntries(t, layout.Abs(layout.ArtifactsDir()))
+	ids := harness.DirNames(t, layout.Abs(layout.ArtifactsDir()))
 	if len(ids) != 1 {
 		t.Fatalf("artifacts = %v, want exactly one", ids)
 	}
@@ -64,7 +51,7 @@ func TestKillDuringDownload(t *testing.T) {
 	p := e.Start()
 	tmp := filepath.Join(e.DataDir, "tmp")
 	harness.Eventually(t, 30*time.Second, "a partial download in tmp/", func() bool {
-		for _, n := range dirEntries(t, tmp) {
+		for _, n := range harness.DirNames(t, tmp) {
 			if st, err := os.Stat(filepath.Join(tmp, n)); err == nil && strings.HasSuffix(n, ".zip") && st.Size() > 0 {
 				return true
 			}
@@ -72,7 +59,7 @@ func TestKillDuringDownload(t *testing.T) {
 		return false
 	})
 	p.Kill(t)
-	if got := dirEntries(t, filepath.Join(e.DataDir, "artifacts")); len(got) != 0 {
+	if got := harness.DirNames(t, filepath.Join(e.DataDir, "artifacts")); len(got) != 0 {
 		t.Fatalf("an artifact was installed from an interrupted download: %v", got)
 	}
 	e.Tenant.SetFaults()
@@ -84,7 +71,7 @@ func TestKillDuringDownload(t *testing.T) {
 		t.Fatal(err)
 	}
 	p2 := e2.Start()
-	if got := dirEntries(t, tmp); len(got) != 0 {
+	if got := harness.DirNames(t, tmp); len(got) != 0 {
 		t.Fatalf("tmp/ not wiped at start-up: %v", got)
 	}
 	target := filepath.Join(e.Targets, "v1/mount")

@@ -143,7 +143,7 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	if c.Client, err = kubernetes.NewForConfig(c.Config); err != nil {
 		return c, err
 	}
-	if err := waitFor(ctx, 60*time.Second, "kube-apiserver ready", func() bool { return c.apiserverReady(ctx) }); err != nil {
+	if err := Poll(ctx, 60*time.Second, "kube-apiserver ready", func() bool { return c.apiserverReady(ctx) }); err != nil {
 		return c, err
 	}
 	c.Kubeconfig = filepath.Join(c.Dir, "kubeconfig")
@@ -225,7 +225,7 @@ state = %[2]q
 	if _, err := c.startProc("containerd", "/usr/bin/containerd", []string{"--config", cfg}); err != nil {
 		return err
 	}
-	return waitFor(ctx, 20*time.Second, "containerd socket", func() bool {
+	return Poll(ctx, 20*time.Second, "containerd socket", func() bool {
 		st, err := os.Stat(c.ContainerdSocket)
 		return err == nil && st.Mode()&os.ModeSocket != 0
 	})
@@ -319,7 +319,7 @@ serializeImagePulls: false
 		return err
 	}
 	c.kubelet = p
-	return waitFor(ctx, 60*time.Second, "node registered", func() bool {
+	return Poll(ctx, 60*time.Second, "node registered", func() bool {
 		_, err := c.Client.CoreV1().Nodes().Get(ctx, NodeName, metav1.GetOptions{})
 		return err == nil
 	})
@@ -436,7 +436,8 @@ func (c *Cluster) logTails() string {
 // LogTails returns the end of every process's log, for failing tests.
 func (c *Cluster) LogTails() string { return c.logTails() }
 
-func waitFor(ctx context.Context, timeout time.Duration, what string, cond func() bool) error {
+// Poll calls cond every 100 ms until it holds, ctx ends or timeout passes.
+func Poll(ctx context.Context, timeout time.Duration, what string, cond func() bool) error {
 	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {
