@@ -61,8 +61,16 @@ type Options struct {
 	Index *storage.Index
 	// Provisioner provides artifacts. Required.
 	Provisioner Provisioner
-	// Mounter mounts and unmounts. Default NewSyscallMounter().
+	// Mounter mounts and unmounts. Default NewSyscallMounter with MountAPI,
+	// staging binds in the data dir's tmp/.
 	Mounter mount.Interface
+	// MountAPI selects the kernel calls of the default Mounter. Default
+	// MountAPIAuto.
+	MountAPI MountAPI
+	// KubeletDir is kubelet's root dir; publish and unpublish accept only
+	// target paths below it in the shape kubelet uses for CSI volumes.
+	// Default /var/lib/kubelet.
+	KubeletDir string
 	// HostAllow lists who may use host mode. Default: nobody.
 	HostAllow []HostAllowRule
 	// PublishWait bounds how long one NodePublishVolume waits for a download
@@ -77,6 +85,9 @@ type Options struct {
 	// Default: none.
 	AfterUnpublish func()
 }
+
+// DefaultKubeletDir is kubelet's default root dir.
+const DefaultKubeletDir = "/var/lib/kubelet"
 
 // Driver implements the CSI Identity and Node services.
 type Driver struct {
@@ -100,8 +111,15 @@ func New(opts Options) (*Driver, error) {
 		opts.Fs = afero.NewBasePathFs(afero.NewOsFs(), opts.Layout.Root())
 	}
 	if opts.Mounter == nil {
-		opts.Mounter = NewSyscallMounter()
+		opts.Mounter = NewSyscallMounter(SyscallMounterOptions{API: opts.MountAPI, StagingDir: opts.Layout.Abs(opts.Layout.Tmp())})
 	}
+	if opts.KubeletDir == "" {
+		opts.KubeletDir = DefaultKubeletDir
+	}
+	if !filepath.IsAbs(opts.KubeletDir) {
+		return nil, fmt.Errorf("driver: KubeletDir %q must be an absolute path", opts.KubeletDir)
+	}
+	opts.KubeletDir = filepath.Clean(opts.KubeletDir)
 	if opts.PublishWait == 0 {
 		opts.PublishWait = 20 * time.Second
 	}

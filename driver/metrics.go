@@ -4,7 +4,7 @@ import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
 	ops      *prometheus.HistogramVec
-	failOpen prometheus.Counter
+	failOpen *prometheus.CounterVec
 	inFlight *prometheus.GaugeVec
 }
 
@@ -15,10 +15,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "Latency of NodePublishVolume and NodeUnpublishVolume by operation, mode and gRPC code.",
 			Buckets: []float64{.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}, []string{"operation", "mode", "code"}),
-		failOpen: prometheus.NewCounter(prometheus.CounterOpts{
+		failOpen: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "oneagent_csi_fail_open_total",
-			Help: "Volumes published as an empty directory because the agent could not be provided within retryTimeout.",
-		}),
+			Help: "Volumes published as an empty directory (the pod starts without the agent), by reason: retry_timeout, invalid_attributes, unknown_tenant, version_not_found.",
+		}, []string{"reason"}),
 		inFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "oneagent_csi_operations_in_flight",
 			Help: "CSI node operations currently running.",

@@ -36,17 +36,22 @@ type publishRequest struct {
 	target   string
 	readOnly bool
 	attrs    api.VolumeAttributes
+	// attrErr is the first invalid attribute. In app mode it makes the
+	// volume fail open at once (no retry can fix it); in host mode it is
+	// returned as InvalidArgument.
+	attrErr error
 }
 
 // validatePublish checks fields in the order csi-sanity expects (volume id,
-// target path, capability) before the attributes.
+// target path, capability); errors there are InvalidArgument. Attributes are
+// checked after that and kept in attrErr.
 func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (publishRequest, error) {
 	r := publishRequest{volumeID: req.GetVolumeId(), target: req.GetTargetPath(), readOnly: req.GetReadonly()}
 	if r.volumeID == "" {
 		return r, invalid("volume_id", "must be set")
 	}
-	if r.target == "" {
-		return r, invalid("target_path", "must be set")
+	if err := d.validateTarget(r.target); err != nil {
+		return r, err
 	}
 	vc := req.GetVolumeCapability()
 	if vc == nil {
@@ -58,27 +63,44 @@ func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (publishRequ
 	if vc.GetMount() == nil {
 		return r, invalid("volume_capability.mount", "must be set")
 	}
-	if !filepath.IsAbs(r.target) || filepath.Clean(r.target) != strings.TrimSuffix(r.target, "/") {
-		return r, invalid("target_path", fmt.Sprintf("%q must be an absolute, clean path", r.target))
+	r.attrs, r.attrErr = api.ParseVolumeAttributes(req.GetVolumeContext())
+	if r.attrErr != nil {
+		return r, nil
 	}
-	if strings.HasPrefix(r.target+"/", d.opts.Layout.Root()+"/") {
-		return r, invalid("target_path", fmt.Sprintf("%q lies inside the driver's data dir", r.target))
-	}
-	attrs, err := api.ParseVolumeAttributes(req.GetVolumeContext())
-	if err != nil {
-		return r, err
-	}
-	if attrs.Tenant == "" {
-		attrs.Tenant = d.opts.Provisioner.DefaultTenant()
-		if attrs.Tenant == "" {
-			return r, invalid("volume_context[\"dynakube\"]", "must name a tenant: several tenants are configured")
+	if r.attrs.Tenant == "" {
+		r.attrs.Tenant = d.opts.Provisioner.DefaultTenant()
+		if r.attrs.Tenant == "" {
+			r.attrErr = fmt.Errorf("volume_context[%q] must name a tenant: several tenants are configured: %w",
+				api.AttrDynakube, provisioner.ErrUnknownTenant)
+			return r, nil
 		}
 	}
-	if attrs.Writable && r.readOnly {
-		return r, invalid("volume_context[\"writable\"]", "\"true\" conflicts with a read-only volume (readOnly: true)")
+	if r.attrs.Writable && r.readOnly {
+		r.attrErr = invalid("volume_context[\"writable\"]", "\"true\" conflicts with a read-only volume (readOnly: true)")
 	}
-	r.attrs = attrs
 	return r, nil
+}
+
+// validateTarget accepts only the paths kubelet gives CSI volumes:
+// <kubeletDir>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/<leaf>
+// (kubelet's leaf is "mount"; csi-sanity's is "target"). So neither publish
+// nor unpublish can be pointed at anything else on the node (the index, the
+// data dir, a host path).
+func (d *Driver) validateTarget(target string) error {
+	if target == "" {
+		return invalid("target_path", "must be set")
+	}
+	if !filepath.IsAbs(target) || filepath.Clean(target) != target {
+		return invalid("target_path", fmt.Sprintf("%q must be an absolute, clean path", target))
+	}
+	rel, err := filepath.Rel(d.opts.KubeletDir, target)
+	parts := strings.Split(rel, "/")
+	if err != nil || len(parts) != 6 || parts[0] != "pods" || parts[2] != "volumes" ||
+		parts[3] != "kubernetes.io~csi" || parts[1] == ".." || parts[4] == ".." || parts[5] == ".." {
+		return invalid("target_path", fmt.Sprintf("%q is not a kubelet CSI volume path (%s/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount; set kubeletDir in the node config if kubelet uses another root dir)",
+			target, d.opts.KubeletDir))
+	}
+	return nil
 }
 
 // NodePublishVolume mounts the code module at the target (DESIGN §4).
@@ -122,6 +144,9 @@ func (d *Driver) isMounted(target string) (bool, error) {
 
 func (d *Driver) publish(ctx context.Context, r publishRequest) error {
 	log := klog.FromContext(ctx)
+	if fi, err := os.Lstat(r.target); err == nil && fi.Mode()&fs.ModeSymlink != 0 {
+		return invalid("target_path", fmt.Sprintf("%q is a symlink; kubelet creates a directory or nothing", r.target))
+	}
 	mounted, err := d.isMounted(r.target)
 	if err != nil {
 		return err
@@ -136,35 +161,84 @@ func (d *Driver) publish(ctx context.Context, r publishRequest) error {
 	case errors.Is(err, storage.ErrNotFound) || (err == nil && rec.TargetPath != r.target):
 		rec = storage.Volume{ID: r.volumeID, FirstAttempt: now}
 	case err != nil:
-		return err
+		// The index is an aid, not the truth: without it the attempt
+		// counts from now, and the pod is still served or fails open.
+		log.Error(err, "reading volume record")
+		rec = storage.Volume{ID: r.volumeID, FirstAttempt: now}
 	}
 	rec.TargetPath, rec.Mode, rec.Tenant, rec.Writable = r.target, r.attrs.Mode, r.attrs.Tenant, r.attrs.Writable
 	rec.ReadOnly = !r.attrs.Writable
 	rec.PodName, rec.PodNamespace, rec.PodUID, rec.ServiceAccount = r.attrs.PodName, r.attrs.PodNamespace, r.attrs.PodUID, r.attrs.ServiceAccount
 
 	if r.attrs.Mode == api.ModeHost {
+		if r.attrErr != nil {
+			return r.attrErr
+		}
 		return d.publishHost(ctx, r, rec)
 	}
 
-	pctx, cancel := context.WithTimeout(ctx, d.opts.PublishWait)
-	prep, perr := d.opts.Provisioner.Prepare(pctx, r.attrs.Tenant, r.attrs.Version)
-	cancel()
-	if perr != nil {
-		waited := now.Sub(rec.FirstAttempt)
-		if waited >= r.attrs.RetryTimeout && !errors.Is(perr, provisioner.ErrUnknownTenant) {
-			return d.failOpen(ctx, r, rec, perr, waited)
+	cause := r.attrErr
+	if cause == nil {
+		if cause = d.publishApp(ctx, r, rec); cause == nil {
+			return nil
 		}
-		if rec.State == "" {
-			rec.State, rec.Reason = storage.VolumePending, perr.Error()
-			if err := d.opts.Index.PutVolume(rec); err != nil {
-				log.Error(err, "recording pending volume")
-			}
-		}
-		log.Info("agent not available yet, kubelet will retry", "waited", waited.Round(time.Second),
-			"failOpenIn", (r.attrs.RetryTimeout - waited).Round(time.Second), "err", perr)
-		return fmt.Errorf("volume %s: %w", r.volumeID, perr)
 	}
+	// App mode: whatever failed, the pod is never kept waiting longer than
+	// its retryTimeout, and not at all for what no retry can fix.
+	waited := now.Sub(rec.FirstAttempt)
+	if reason := finalFailure(cause); reason != "" {
+		return d.failOpen(ctx, r, rec, cause, reason, waited)
+	}
+	if waited >= r.attrs.RetryTimeout {
+		return d.failOpen(ctx, r, rec, cause, FailOpenRetryTimeout, waited)
+	}
+	if rec.State == "" || rec.Reason != cause.Error() {
+		rec.State, rec.Reason = storage.VolumePending, cause.Error()
+		if err := d.opts.Index.PutVolume(rec); err != nil {
+			log.Error(err, "recording pending volume")
+		}
+	}
+	log.Info("agent not available yet, kubelet will retry", "waited", waited.Round(time.Second),
+		"failOpenIn", (r.attrs.RetryTimeout - waited).Round(time.Second), "err", cause)
+	return fmt.Errorf("volume %s: %w", r.volumeID, cause)
+}
 
+// Reasons a volume fails open, the label values of
+// oneagent_csi_fail_open_total{reason}.
+const (
+	// FailOpenRetryTimeout: retryTimeout passed without the agent.
+	FailOpenRetryTimeout = "retry_timeout"
+	// FailOpenInvalidAttributes: a volume attribute is invalid.
+	FailOpenInvalidAttributes = "invalid_attributes"
+	// FailOpenUnknownTenant: the volume names a tenant the node does not know.
+	FailOpenUnknownTenant = "unknown_tenant"
+	// FailOpenVersionNotFound: the tenant does not have the version.
+	FailOpenVersionNotFound = "version_not_found"
+)
+
+// finalFailure returns the fail-open reason of an error no retry can fix, or
+// "" for errors that may go away.
+func finalFailure(err error) string {
+	var fe *api.FieldError
+	switch {
+	case errors.Is(err, provisioner.ErrUnknownTenant):
+		return FailOpenUnknownTenant
+	case errors.As(err, &fe), errors.Is(err, errInvalid):
+		return FailOpenInvalidAttributes
+	case errors.Is(err, provisioner.ErrNotFound):
+		return FailOpenVersionNotFound
+	}
+	return ""
+}
+
+// publishApp mounts the tenant layer over the code module at the target.
+func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.Volume) error {
+	pctx, cancel := context.WithTimeout(ctx, d.opts.PublishWait)
+	prep, err := d.opts.Provisioner.Prepare(pctx, r.attrs.Tenant, r.attrs.Version)
+	cancel()
+	if err != nil {
+		return err
+	}
 	l := d.opts.Layout
 	lower := l.Abs(l.TenantLayer(prep.Tenant, prep.Layer.Rev)) + ":" + l.Abs(l.Artifact(prep.Artifact.ID))
 	options := []string{"lowerdir=" + lower}
@@ -172,6 +246,7 @@ func (d *Driver) publish(ctx context.Context, r publishRequest) error {
 		upper, work := l.VolumeUpper(r.volumeID), l.VolumeWork(r.volumeID)
 		for _, dir := range []string{upper, work} {
 			if err := d.opts.Fs.MkdirAll(dir, 0o755); err != nil {
+				_ = d.opts.Fs.RemoveAll(l.Volume(r.volumeID))
 				return fmt.Errorf("create %s: %w", dir, err)
 			}
 		}
@@ -190,9 +265,9 @@ func (d *Driver) publish(ctx context.Context, r publishRequest) error {
 	rec.Version, rec.ArtifactID, rec.LayerRev = prep.Version, prep.Artifact.ID, prep.Layer.Rev
 	if err := d.opts.Index.PutVolume(rec); err != nil {
 		// The mount is the truth; reconcile adopts it if the record is lost.
-		log.Error(err, "recording published volume")
+		klog.FromContext(ctx).Error(err, "recording published volume")
 	}
-	log.V(1).Info("published", "version", prep.Version, "artifact", prep.Artifact.ID, "rev", prep.Layer.Rev)
+	klog.FromContext(ctx).V(1).Info("published", "version", prep.Version, "artifact", prep.Artifact.ID, "rev", prep.Layer.Rev)
 	return nil
 }
 
@@ -200,7 +275,7 @@ func (d *Driver) publish(ctx context.Context, r publishRequest) error {
 // failure a target dir it created is removed again.
 func (d *Driver) mountAt(target, source, fstype string, options []string) error {
 	created := false
-	if _, err := os.Stat(target); errors.Is(err, fs.ErrNotExist) {
+	if _, err := os.Lstat(target); errors.Is(err, fs.ErrNotExist) {
 		if err := os.MkdirAll(target, 0o750); err != nil {
 			return fmt.Errorf("create target %s: %w", target, err)
 		}
@@ -249,19 +324,24 @@ func (d *Driver) publishHost(ctx context.Context, r publishRequest, rec storage.
 }
 
 // failOpen mounts an empty read-only dir so that the pod starts without the
-// agent, after retryTimeout of failed attempts.
-func (d *Driver) failOpen(ctx context.Context, r publishRequest, rec storage.Volume, cause error, waited time.Duration) error {
+// agent: after retryTimeout of failed attempts, or at once for what no retry
+// can fix.
+func (d *Driver) failOpen(ctx context.Context, r publishRequest, rec storage.Volume, cause error, reason string, waited time.Duration) error {
 	if err := d.mountAt(r.target, d.opts.Layout.Abs(d.opts.Layout.Empty()), "", []string{"bind", "ro", "nodev", "nosuid"}); err != nil {
 		return err
 	}
-	d.metrics.failOpen.Inc()
+	d.metrics.failOpen.WithLabelValues(reason).Inc()
 	rec.State, rec.PublishedAt = storage.VolumeFailedOpen, d.opts.Now()
-	rec.Reason = "failed open after " + waited.Round(time.Second).String() + ": " + cause.Error()
+	if reason == FailOpenRetryTimeout {
+		rec.Reason = "failed open after " + waited.Round(time.Second).String() + ": " + cause.Error()
+	} else {
+		rec.Reason = "failed open at once (" + reason + "): " + cause.Error()
+	}
 	if err := d.opts.Index.PutVolume(rec); err != nil {
 		klog.FromContext(ctx).Error(err, "recording failed-open volume")
 	}
-	klog.FromContext(ctx).Error(cause, "FAILED OPEN: the pod starts without the agent", "waited", waited.Round(time.Second),
-		"retryTimeout", r.attrs.RetryTimeout)
+	klog.FromContext(ctx).Error(cause, "FAILED OPEN: the pod starts without the agent", "reason", reason,
+		"waited", waited.Round(time.Second), "retryTimeout", r.attrs.RetryTimeout)
 	return nil
 }
 
@@ -280,11 +360,8 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if id == "" {
 		return nil, toStatus(invalid("volume_id", "must be set"))
 	}
-	if target == "" {
-		return nil, toStatus(invalid("target_path", "must be set"))
-	}
-	if !filepath.IsAbs(target) {
-		return nil, toStatus(invalid("target_path", fmt.Sprintf("%q must be an absolute path", target)))
+	if err := d.validateTarget(target); err != nil {
+		return nil, toStatus(err)
 	}
 	unlock, ok := d.locks.tryLock(target)
 	if !ok {

@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spf13/afero"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -73,11 +75,16 @@ func newUnit(t *testing.T) *unitFixture {
 		fs: afero.NewMemMapFs(), idx: idx, now: time.Unix(1_800_000_000, 0), targets: t.TempDir()}
 	_ = f.fs.MkdirAll(layout.Tmp(), 0o755)
 	f.d, err = New(Options{NodeID: "n1", Layout: layout, Fs: f.fs, Index: idx, Provisioner: f.prov, Mounter: f.mounter,
-		Now: func() time.Time { return f.now }})
+		KubeletDir: f.targets, Now: func() time.Time { return f.now }})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return f
+}
+
+// target is a kubelet-shaped target path below the fixture's kubelet dir.
+func (f *unitFixture) target(name string) string {
+	return filepath.Join(f.targets, "pods", "uid-"+name, "volumes", "kubernetes.io~csi", "oneagent", "mount")
 }
 
 func request(id, target string, attrs map[string]string) *csi.NodePublishVolumeRequest {
@@ -91,7 +98,7 @@ func request(id, target string, attrs map[string]string) *csi.NodePublishVolumeR
 
 func TestPublishValidation(t *testing.T) {
 	f := newUnit(t)
-	target := filepath.Join(f.targets, "t")
+	target := f.target("t")
 	tests := []struct {
 		name  string
 		req   *csi.NodePublishVolumeRequest
@@ -102,9 +109,13 @@ func TestPublishValidation(t *testing.T) {
 		{"no capability", &csi.NodePublishVolumeRequest{VolumeId: "v", TargetPath: target}, "volume_capability"},
 		{"relative target", request("v", "rel/path", nil), "target_path"},
 		{"target in data dir", request("v", "/var/lib/oneagent-csi/artifacts/x", nil), "target_path"},
-		{"bad mode", request("v", target, map[string]string{"mode": "x"}), "mode"},
-		{"writable and read-only", request("v", target, map[string]string{"writable": "true"}), "writable"},
+		{"target outside kubelet dir", request("v", "/etc/passwd", nil), "target_path"},
+		{"target not in kubelet's shape", request("v", filepath.Join(f.targets, "pods/u/volumes/kubernetes.io~csi/x/mount/deeper"), nil), "target_path"},
+		{"target is the volume dir", request("v", filepath.Join(f.targets, "pods/u/volumes/kubernetes.io~csi/x"), nil), "target_path"},
+		{"target climbs out", request("v", filepath.Join(f.targets, "pods/u/volumes/kubernetes.io~csi/x/mount")+"/../../../../../../etc", nil), "target_path"},
+		{"target in another plugin's dir", request("v", filepath.Join(f.targets, "pods/u/volumes/kubernetes.io~empty-dir/x/mount"), nil), "target_path"},
 		{"host with version", request("v", target, map[string]string{"mode": "host", "version": "1.2.3"}), "version"},
+		{"host with bad retryTimeout", request("v", target, map[string]string{"mode": "host", "retryTimeout": "soon"}), "retryTimeout"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -121,7 +132,7 @@ func TestPublishValidation(t *testing.T) {
 
 func TestPublishMountsReadOnlyOverlay(t *testing.T) {
 	f := newUnit(t)
-	target := filepath.Join(f.targets, "mount")
+	target := f.target("mount")
 	if _, err := f.d.NodePublishVolume(context.Background(), request("v1", target, nil)); err != nil {
 		t.Fatal(err)
 	}
@@ -142,7 +153,7 @@ func TestPublishMountsReadOnlyOverlay(t *testing.T) {
 
 func TestPublishWritableCreatesUpperAndWork(t *testing.T) {
 	f := newUnit(t)
-	target := filepath.Join(f.targets, "w")
+	target := f.target("w")
 	req := request("v-w", target, map[string]string{"writable": "true"})
 	req.Readonly = false
 	if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {
@@ -168,7 +179,7 @@ func TestPublishWritableCreatesUpperAndWork(t *testing.T) {
 func TestPublishFailsOpenAfterRetryTimeout(t *testing.T) {
 	f := newUnit(t)
 	f.prov.err = provisioner.ErrInProgress
-	target := filepath.Join(f.targets, "fo")
+	target := f.target("fo")
 	req := request("v-fo", target, map[string]string{"retryTimeout": "1m"})
 	_, err := f.d.NodePublishVolume(context.Background(), req)
 	if status.Code(err) != codes.Unavailable {
@@ -201,15 +212,13 @@ func TestPublishErrorCodes(t *testing.T) {
 		{provisioner.ErrUnavailable, codes.Unavailable},
 		{provisioner.ErrBadArchive, codes.Unavailable},
 		{provisioner.ErrUnauthorized, codes.FailedPrecondition},
-		{provisioner.ErrNotFound, codes.FailedPrecondition},
-		{provisioner.ErrUnknownTenant, codes.InvalidArgument},
 		{errors.New("disk on fire"), codes.Internal},
 	}
 	for _, tc := range tests {
 		t.Run(tc.err.Error(), func(t *testing.T) {
 			f := newUnit(t)
 			f.prov.err = tc.err
-			_, err := f.d.NodePublishVolume(context.Background(), request("v", filepath.Join(f.targets, "x"), nil))
+			_, err := f.d.NodePublishVolume(context.Background(), request("v", f.target("x"), nil))
 			if status.Code(err) != tc.code {
 				t.Fatalf("err = %v, want %s", err, tc.code)
 			}
@@ -217,9 +226,90 @@ func TestPublishErrorCodes(t *testing.T) {
 	}
 }
 
+// Errors no retry can fix fail open at the first attempt, with the reason
+// in the record and the metric label.
+func TestPublishFailsOpenAtOnceOnFinalErrors(t *testing.T) {
+	tests := []struct {
+		name   string
+		err    error
+		attrs  map[string]string
+		rw     bool
+		reason string
+	}{
+		{"unknown tenant", fmt.Errorf("tenant %q is not configured: %w", "prdo", provisioner.ErrUnknownTenant), nil, false, FailOpenUnknownTenant},
+		{"version not on tenant", fmt.Errorf("GET version/1.2.3: HTTP 404: %w", provisioner.ErrNotFound), nil, false, FailOpenVersionNotFound},
+		{"bad mode", nil, map[string]string{"mode": "x"}, false, FailOpenInvalidAttributes},
+		{"bad version", nil, map[string]string{"version": "newest"}, false, FailOpenInvalidAttributes},
+		{"bad retryTimeout", nil, map[string]string{"retryTimeout": "soon"}, false, FailOpenInvalidAttributes},
+		{"bad tenant name", nil, map[string]string{"dynakube": "Prod_1"}, false, FailOpenInvalidAttributes},
+		{"writable and read-only", nil, map[string]string{"writable": "true"}, false, FailOpenInvalidAttributes},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newUnit(t)
+			f.prov.err = tc.err
+			req := request("v", f.target("x"), tc.attrs)
+			if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {
+				t.Fatalf("first attempt: %v, want fail-open success", err)
+			}
+			mps, _ := f.mounter.List()
+			if len(mps) != 1 || mps[0].Device != "/var/lib/oneagent-csi/empty" {
+				t.Fatalf("mounts = %+v, want the empty dir", mps)
+			}
+			rec, err := f.idx.GetVolume("v")
+			if err != nil || rec.State != storage.VolumeFailedOpen || !strings.Contains(rec.Reason, tc.reason) {
+				t.Fatalf("record %+v, %v: want failedOpen with reason %s", rec, err, tc.reason)
+			}
+			if n := testutil.ToFloat64(f.d.metrics.failOpen.WithLabelValues(tc.reason)); n != 1 {
+				t.Fatalf("fail_open_total{reason=%q} = %v, want 1", tc.reason, n)
+			}
+		})
+	}
+}
+
+// failingMounter fails every mount of one filesystem type.
+type failingMounter struct {
+	*mount.FakeMounter
+	fstype string
+	err    error
+}
+
+func (m *failingMounter) Mount(source, target, fstype string, options []string) error {
+	if fstype == m.fstype {
+		return m.err
+	}
+	return m.FakeMounter.Mount(source, target, fstype, options)
+}
+
+// A failed mount (EINVAL, ENOSPC on the upper dir) is retried, recorded from
+// the first attempt, and fails open once retryTimeout has passed.
+func TestPublishFailsOpenWhenTheMountKeepsFailing(t *testing.T) {
+	f := newUnit(t)
+	failing := &failingMounter{FakeMounter: f.mounter, fstype: "overlay", err: errors.New("mount overlay: no space left on device")}
+	f.d.opts.Mounter = failing
+	req := request("v-m", f.target("m"), map[string]string{"retryTimeout": "1m"})
+	if _, err := f.d.NodePublishVolume(context.Background(), req); err == nil || !strings.Contains(err.Error(), "no space") {
+		t.Fatalf("first attempt: %v, want the mount error", err)
+	}
+	rec, err := f.idx.GetVolume("v-m")
+	if err != nil || rec.State != storage.VolumePending || !rec.FirstAttempt.Equal(f.now) {
+		t.Fatalf("first attempt not recorded: %+v, %v", rec, err)
+	}
+	f.now = f.now.Add(61 * time.Second)
+	if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatalf("after retryTimeout: %v, want fail-open", err)
+	}
+	if rec, _ := f.idx.GetVolume("v-m"); rec.State != storage.VolumeFailedOpen {
+		t.Fatalf("record %+v, want failedOpen", rec)
+	}
+	if n := testutil.ToFloat64(f.d.metrics.failOpen.WithLabelValues(FailOpenRetryTimeout)); n != 1 {
+		t.Fatalf("fail_open_total{reason=retry_timeout} = %v, want 1", n)
+	}
+}
+
 func TestHostModeNeedsAllowList(t *testing.T) {
 	f := newUnit(t)
-	target := filepath.Join(f.targets, "h")
+	target := f.target("h")
 	req := request("v-h", target, map[string]string{"mode": "host"})
 	if _, err := f.d.NodePublishVolume(context.Background(), req); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("err = %v, want PermissionDenied", err)
@@ -236,7 +326,7 @@ func TestHostModeNeedsAllowList(t *testing.T) {
 
 func TestUnpublishIsIdempotentAndNeedsNoRecord(t *testing.T) {
 	f := newUnit(t)
-	target := filepath.Join(f.targets, "u")
+	target := f.target("u")
 	if err := os.MkdirAll(target, 0o750); err != nil {
 		t.Fatal(err)
 	}
@@ -269,7 +359,7 @@ func TestUnpublishIsIdempotentAndNeedsNoRecord(t *testing.T) {
 
 func TestUnpublishFailureIsReported(t *testing.T) {
 	f := newUnit(t)
-	target := filepath.Join(f.targets, "busy")
+	target := f.target("busy")
 	if err := os.MkdirAll(target, 0o750); err != nil {
 		t.Fatal(err)
 	}

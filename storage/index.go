@@ -46,6 +46,8 @@ type Index struct {
 
 	closeOnce sync.Once
 	closeErr  error
+	// lock is the data dir lock taken by Open; released by Close.
+	lock *dirLock
 }
 
 // OpenIndex opens or creates the index at path. It waits at most timeout for
@@ -129,6 +131,7 @@ func (x *Index) Close() error {
 	x.closeOnce.Do(func() {
 		x.stopGroupCommit()
 		x.closeErr = x.db.Close()
+		x.lock.release()
 	})
 	return x.closeErr
 }

@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/spf13/afero"
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 
@@ -28,8 +30,12 @@ type ReconcileOptions struct {
 	MountInfo func() ([]mount.MountInfo, error)
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
-	// LockTimeout bounds the wait for index.db's file lock. Default 5s.
+	// LockTimeout bounds the wait for the data dir's lock (held by another
+	// node process) and for index.db's file lock. Default 5s.
 	LockTimeout time.Duration
+	// Unmount detaches a mount that a crash left in tmp/ (a staging bind)
+	// before tmp/ is wiped. Default: umount2(MNT_DETACH|UMOUNT_NOFOLLOW).
+	Unmount func(target string) error
 }
 
 // ReconcileReport says what start-up reconcile found and changed.
@@ -63,10 +69,14 @@ func (o *ReconcileOptions) defaults() {
 	if o.LockTimeout == 0 {
 		o.LockTimeout = 5 * time.Second
 	}
+	if o.Unmount == nil {
+		o.Unmount = func(target string) error { return unix.Unmount(target, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW) }
+	}
 }
 
-// Open prepares the data dir and returns its index, reconciled with disk and
-// mountinfo: tmp/ is wiped, partial artifacts and layers are removed, records
+// Open locks the data dir (ErrDataDirInUse when another process holds it),
+// prepares it and returns its index, reconciled with disk and mountinfo:
+// mounts left in tmp/ are detached and tmp/ is wiped, partial artifacts and layers are removed, records
 // without files are dropped, files without records are indexed, mounts of our
 // artifacts or host dirs that have no record are adopted, and records of
 // published volumes that are no longer mounted are dropped. A corrupt index
@@ -75,16 +85,39 @@ func Open(opts ReconcileOptions) (*Index, ReconcileReport, error) {
 	opts.defaults()
 	start := opts.Now()
 	var rep ReconcileReport
+	l := opts.Layout
+	if err := os.MkdirAll(l.Root(), 0o755); err != nil {
+		return nil, rep, fmt.Errorf("create data dir: %w", err)
+	}
+	lock, err := lockDataDir(l.Root(), opts.LockTimeout)
+	if err != nil {
+		return nil, rep, err
+	}
+	idx, err := openLocked(opts, &rep)
+	if err != nil {
+		lock.release()
+		return nil, rep, err
+	}
+	idx.lock = lock
+	rep.Duration = opts.Now().Sub(start)
+	return idx, rep, nil
+}
+
+// openLocked is Open once the data dir lock is held.
+func openLocked(opts ReconcileOptions, rep *ReconcileReport) (*Index, error) {
 	l, fs := opts.Layout, opts.Fs
 	for _, d := range l.TopLevelDirs() {
 		if err := fs.MkdirAll(d, 0o755); err != nil {
-			return nil, rep, fmt.Errorf("create %s: %w", l.Abs(d), err)
+			return nil, fmt.Errorf("create %s: %w", l.Abs(d), err)
 		}
+	}
+	if err := detachBelow(l.Abs(l.Tmp()), opts.MountInfo, opts.Unmount); err != nil {
+		return nil, err
 	}
 	n, err := wipeDir(fs, l.Tmp())
 	rep.TmpEntriesRemoved = n
 	if err != nil {
-		return nil, rep, err
+		return nil, err
 	}
 
 	idxPath := l.Abs(l.IndexFile())
@@ -93,20 +126,42 @@ func Open(opts ReconcileOptions) (*Index, ReconcileReport, error) {
 		moved := fmt.Sprintf("%s.corrupt-%d", idxPath, opts.Now().Unix())
 		klog.ErrorS(err, "index is corrupt, moving it aside and rebuilding from disk and mountinfo", "movedTo", moved)
 		if rerr := os.Rename(idxPath, moved); rerr != nil {
-			return nil, rep, fmt.Errorf("move corrupt index aside: %w", rerr)
+			return nil, fmt.Errorf("move corrupt index aside: %w", rerr)
 		}
 		rep.IndexRebuilt, rep.CorruptIndexMovedTo = true, moved
 		idx, err = OpenIndex(idxPath, opts.LockTimeout, false)
 	}
 	if err != nil {
-		return nil, rep, err
+		return nil, err
 	}
-	if err := reconcile(idx, &opts, &rep); err != nil {
+	if err := reconcile(idx, &opts, rep); err != nil {
 		_ = idx.Close()
-		return nil, rep, fmt.Errorf("reconcile data dir %s: %w", l.Root(), err)
+		return nil, fmt.Errorf("reconcile data dir %s: %w", l.Root(), err)
 	}
-	rep.Duration = opts.Now().Sub(start)
-	return idx, rep, nil
+	return idx, nil
+}
+
+// detachBelow detaches every mount below dir, deepest first: wiping a dir
+// through a bind mount would delete the bind's source.
+func detachBelow(dir string, mountInfo func() ([]mount.MountInfo, error), unmount func(string) error) error {
+	mis, err := mountInfo()
+	if err != nil {
+		return fmt.Errorf("read mountinfo: %w", err)
+	}
+	var below []string
+	for _, m := range mis {
+		if strings.HasPrefix(m.MountPoint, dir+"/") {
+			below = append(below, m.MountPoint)
+		}
+	}
+	sort.Sort(sort.Reverse(sort.StringSlice(below)))
+	for _, target := range below {
+		klog.InfoS("detaching a staging mount left in tmp/", "target", target)
+		if err := unmount(target); err != nil {
+			return fmt.Errorf("detach %s before wiping tmp/: %w", target, err)
+		}
+	}
+	return nil
 }
 
 func wipeDir(fs afero.Fs, dir string) (int, error) {

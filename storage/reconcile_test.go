@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -144,5 +145,63 @@ func TestLayoutVolumeDirNames(t *testing.T) {
 	}
 	if _, err := NewLayout("relative"); err == nil {
 		t.Error("relative data dir accepted")
+	}
+}
+
+// A second Open of a data dir in use is refused before it touches anything:
+// the first holder's staging files in tmp/ survive.
+func TestOpenRefusesADataDirInUse(t *testing.T) {
+	root := t.TempDir()
+	l, _ := NewLayout(root)
+	noMounts := func() ([]mount.MountInfo, error) { return nil, nil }
+	first, _, err := Open(ReconcileOptions{Layout: l, MountInfo: noMounts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	staging := l.Abs(l.TmpEntry("install-running.zip"))
+	if err := os.WriteFile(staging, []byte("half a download"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = Open(ReconcileOptions{Layout: l, MountInfo: noMounts, LockTimeout: 100 * time.Millisecond})
+	if !errors.Is(err, ErrDataDirInUse) || !strings.Contains(err.Error(), root) {
+		t.Fatalf("second Open: %v, want ErrDataDirInUse naming the data dir", err)
+	}
+	if _, err := os.Stat(staging); err != nil {
+		t.Fatalf("the refused Open touched tmp/: %v", err)
+	}
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	second, rep, err := Open(ReconcileOptions{Layout: l, MountInfo: noMounts})
+	if err != nil {
+		t.Fatalf("Open after the first holder closed: %v", err)
+	}
+	defer second.Close()
+	if rep.TmpEntriesRemoved != 1 {
+		t.Errorf("tmp entries removed = %d, want 1", rep.TmpEntriesRemoved)
+	}
+}
+
+// Mounts a crash left in tmp/ are detached (deepest first) before tmp/ is wiped.
+func TestOpenDetachesMountsInTmpBeforeWiping(t *testing.T) {
+	root := t.TempDir()
+	l, _ := NewLayout(root)
+	tmp := l.Abs(l.Tmp())
+	mounts := []mount.MountInfo{
+		{MountPoint: filepath.Join(tmp, "bind-1")},
+		{MountPoint: filepath.Join(tmp, "bind-1", "inner")},
+		{MountPoint: "/elsewhere"},
+		{MountPoint: tmp + "-sibling/x"},
+	}
+	var detached []string
+	idx, _, err := Open(ReconcileOptions{Layout: l, MountInfo: func() ([]mount.MountInfo, error) { return mounts, nil },
+		Unmount: func(target string) error { detached = append(detached, target); return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idx.Close()
+	want := []string{filepath.Join(tmp, "bind-1", "inner"), filepath.Join(tmp, "bind-1")}
+	if strings.Join(detached, ",") != strings.Join(want, ",") {
+		t.Fatalf("detached %v, want %v", detached, want)
 	}
 }

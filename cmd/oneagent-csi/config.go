@@ -57,6 +57,8 @@ type NodeConfig struct {
 	HostAllow        []driver.HostAllowRule `json:"hostAllow,omitempty"`
 	Cache            CacheConfig            `json:"cache,omitzero"`
 	AdminSocket      string                 `json:"adminSocket,omitempty"`
+	MountAPI         string                 `json:"mountAPI,omitempty"`
+	KubeletDir       string                 `json:"kubeletDir,omitempty"`
 	Tenants          []provisioner.Tenant   `json:"tenants"`
 }
 
@@ -149,6 +151,12 @@ func (c *NodeConfig) applyDefaults() {
 	if c.AdminSocket == "" {
 		c.AdminSocket = defaultAdminSocket
 	}
+	if c.MountAPI == "" {
+		c.MountAPI = string(driver.MountAPIAuto)
+	}
+	if c.KubeletDir == "" {
+		c.KubeletDir = driver.DefaultKubeletDir
+	}
 	if c.Prefetch == nil {
 		t := true
 		c.Prefetch = &t
@@ -178,8 +186,13 @@ func (c *NodeConfig) validate() error {
 		return fmt.Errorf("registrationDir %q: must be an absolute path", c.RegistrationDir)
 	case c.PublishWait.Duration < 0, c.DownloadTimeout.Duration < 0, c.LatestTTL.Duration < 0, c.PrefetchInterval.Duration < 0:
 		return fmt.Errorf("publishWait, downloadTimeout, latestTTL, prefetchInterval: must not be negative")
+	case !filepath.IsAbs(c.KubeletDir):
+		return fmt.Errorf("kubeletDir %q: must be an absolute path", c.KubeletDir)
 	case len(c.Tenants) == 0:
 		return fmt.Errorf("tenants: at least one tenant must be configured")
+	}
+	if _, err := driver.ParseMountAPI(c.MountAPI); err != nil {
+		return fmt.Errorf("mountAPI %w", err)
 	}
 	for i, r := range c.HostAllow {
 		if r.Namespace == "" {

@@ -102,8 +102,16 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	if err != nil {
 		return fmt.Errorf("config: %w", err)
 	}
+	mountAPI, err := driver.ParseMountAPI(cfg.MountAPI)
+	if err != nil {
+		return fmt.Errorf("config: mountAPI %w", err)
+	}
+	mounter := driver.NewSyscallMounter(driver.SyscallMounterOptions{API: mountAPI, StagingDir: layout.Abs(layout.Tmp())})
+	bindAPI, mountPointCheck := mounter.Describe()
+	log.Info("mount API", "mountAPI", mountAPI, "kernel", mounter.Features().String(), "binds", bindAPI, "mountPoints", mountPointCheck)
 	drv, err := driver.New(driver.Options{
 		DriverName: cfg.DriverName, NodeID: cfg.NodeID, Version: version, Layout: layout, Index: idx,
+		Mounter: mounter, KubeletDir: cfg.KubeletDir,
 		Provisioner: prov, HostAllow: cfg.HostAllow, PublishWait: cfg.PublishWait.Duration, Registerer: reg,
 		AfterUnpublish: prov.RequestGC,
 	})

@@ -5,7 +5,6 @@ package bench
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"sort"
 	"sync"
 	"testing"
@@ -28,7 +27,7 @@ func burst(b *testing.B, n *harness.Node, count int, round int) (mountAll, unmou
 	lat := make([]time.Duration, count)
 	targets := make([]string, count)
 	for i := range targets {
-		targets[i] = filepath.Join(n.TargetRoot, fmt.Sprintf("r%d-%d", round, i), "mount")
+		targets[i] = harness.Target(n.TargetRoot, fmt.Sprintf("r%d-%d", round, i))
 	}
 	run := func(op func(i int) error) time.Duration {
 		var wg sync.WaitGroup

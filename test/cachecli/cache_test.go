@@ -70,7 +70,7 @@ func TestCacheCommands(t *testing.T) {
 	e := harness.NewProcessEnv(t, faketenant.Options{}, false)
 	p := e.Start()
 	ctx := harness.Ctx(t)
-	target := filepath.Join(e.Targets, "pod-a", "mount")
+	target := harness.Target(e.Targets, "pod-a")
 	req := harness.PublishRequest("vol-a", target, nil)
 	if _, err := p.Node.NodePublishVolume(ctx, req); err != nil {
 		t.Fatal(err)

@@ -66,7 +66,7 @@ func TestDriverAsPrivilegedPod(t *testing.T) {
 	tenant["tokenFile"], tenant["caFile"] = "/etc/oneagent-csi/config/token", "/etc/oneagent-csi/config/ca.pem"
 	cfg := map[string]any{"nodeID": cluster.NodeName, "dataDir": dataDir, "csiSocket": filepath.Join(csiDir, "csi.sock"),
 		"registrationDir": registry, "httpAddr": "127.0.0.1:0", "adminSocket": filepath.Join(csiDir, "admin.sock"),
-		"publishWait": "5s", "tenants": []any{tenant}}
+		"publishWait": "5s", "kubeletDir": env.c.KubeletRoot, "tenants": []any{tenant}}
 	b, err := yaml.Marshal(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -40,3 +40,30 @@ func Binary(t testing.TB) string {
 	}
 	return builtBin
 }
+
+// TestCommand builds the command test/cmd/<name> once per test binary and
+// returns its path.
+func TestCommand(t testing.TB, name string) string {
+	t.Helper()
+	testCmdMu.Lock()
+	defer testCmdMu.Unlock()
+	if p, ok := testCmds[name]; ok {
+		return p
+	}
+	dir, err := os.MkdirTemp("", "oneagent-csi-testcmd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, name)
+	out, err := exec.Command("go", "build", "-o", p, "github.com/oneagent-csi/oneagent-csi/test/cmd/"+name).CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build test/cmd/%s: %v\n%s", name, err, out)
+	}
+	testCmds[name] = p
+	return p
+}
+
+var (
+	testCmdMu sync.Mutex
+	testCmds  = map[string]string{}
+)

@@ -34,7 +34,8 @@ type Node struct {
 	Conn       *grpc.ClientConn
 	Node       csi.NodeClient
 	Identity   csi.IdentityClient
-	// TargetRoot is a dir outside the data dir for publish targets.
+	// TargetRoot is the kubelet dir the driver accepts targets in (outside
+	// the data dir); Target builds paths in it.
 	TargetRoot string
 }
 
@@ -45,6 +46,8 @@ type Config struct {
 	Driver      func(*driver.Options)
 	// Mounter replaces the real syscall mounter.
 	Mounter mount.Interface
+	// MountAPI selects the real mounter's kernel calls (default auto).
+	MountAPI driver.MountAPI
 }
 
 // RequireRoot skips tests that need mount privileges when not root; CI runs
@@ -103,7 +106,8 @@ func Start(t testing.TB, cfg Config) *Node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dopts := driver.Options{NodeID: "test-node", Layout: n.Layout, Index: n.Index, Provisioner: n.Prov, Mounter: cfg.Mounter}
+	dopts := driver.Options{NodeID: "test-node", Layout: n.Layout, Index: n.Index, Provisioner: n.Prov, Mounter: cfg.Mounter,
+		MountAPI: cfg.MountAPI, KubeletDir: n.TargetRoot}
 	if cfg.Driver != nil {
 		cfg.Driver(&dopts)
 	}
@@ -126,6 +130,12 @@ func Start(t testing.TB, cfg Config) *Node {
 	t.Cleanup(func() { n.Conn.Close() })
 	n.Node, n.Identity = csi.NewNodeClient(n.Conn), csi.NewIdentityClient(n.Conn)
 	return n
+}
+
+// Target is the path kubelet would publish the volume "oneagent" of the pod
+// with uid "uid-<id>" at, below the kubelet dir root.
+func Target(root, id string) string {
+	return filepath.Join(root, "pods", "uid-"+id, "volumes", "kubernetes.io~csi", "oneagent", "mount")
 }
 
 // MountCapability is the capability kubelet sends for inline volumes.

@@ -40,7 +40,7 @@ func NewProcessEnv(t testing.TB, opts faketenant.Options, prefetch bool, extra .
 	e.Socket, e.AdminSocket = filepath.Join(sockets, "csi.sock"), filepath.Join(sockets, "admin.sock")
 	cfg := map[string]any{
 		"nodeID": "process-node", "dataDir": e.DataDir, "csiSocket": e.Socket, "adminSocket": e.AdminSocket,
-		"httpAddr": "127.0.0.1:0", "prefetch": prefetch, "publishWait": "30s",
+		"httpAddr": "127.0.0.1:0", "prefetch": prefetch, "kubeletDir": e.Targets, "publishWait": "30s",
 		"client":  map[string]any{"attempts": 3, "backoffBase": "10ms", "backoffMax": "100ms"},
 		"tenants": []any{tenant},
 	}
@@ -69,6 +69,14 @@ type NodeProcess struct {
 
 // Start runs the node process and waits until CSI Probe says ready.
 func (e *ProcessEnv) Start() *NodeProcess {
+	e.t.Helper()
+	return e.StartWith()
+}
+
+// StartWith runs the node process under a wrapper command (for example
+// "unshare -m --propagation unchanged" for a mount namespace of its own, as
+// the DaemonSet container has) and waits until CSI Probe says ready.
+func (e *ProcessEnv) StartWith(wrapper ...string) *NodeProcess {
 	t := e.t
 	t.Helper()
 	p := &NodeProcess{Log: filepath.Join(t.TempDir(), "node.log")}
@@ -76,7 +84,8 @@ func (e *ProcessEnv) Start() *NodeProcess {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.Cmd = exec.Command(Binary(t), "node", "--config", e.Config, "-v", "2")
+	argv := append(append(append([]string(nil), wrapper...), Binary(t)), "node", "--config", e.Config, "-v", "2")
+	p.Cmd = exec.Command(argv[0], argv[1:]...)
 	p.Cmd.Stdout, p.Cmd.Stderr = logf, logf
 	if err := p.Cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -36,7 +36,7 @@ func TestGCKeepsWhatRealMountsUse(t *testing.T) {
 	ctx := harness.Ctx(t)
 
 	// v1 through a real overlay, then its record is lost.
-	overlay := filepath.Join(n.TargetRoot, "overlay", "mount")
+	overlay := harness.Target(n.TargetRoot, "overlay")
 	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-1", overlay, map[string]string{api.AttrVersion: versions[0]})); err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +52,7 @@ func TestGCKeepsWhatRealMountsUse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bind := filepath.Join(n.TargetRoot, "bind")
+	bind := harness.Target(n.TargetRoot, "bind")
 	if err := os.MkdirAll(bind, 0o755); err != nil {
 		t.Fatal(err)
 	}

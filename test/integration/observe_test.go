@@ -102,12 +102,19 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 	}
 
 	ctx := harness.Ctx(t)
-	target := filepath.Join(n.TargetRoot, "m", "mount")
+	target := harness.Target(n.TargetRoot, "m")
 	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-m", target, nil)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-bad", target, map[string]string{"mode": "sideways"})); err == nil {
-		t.Fatal("publish with a bad mode succeeded")
+	badTarget := harness.Target(n.TargetRoot, "bad")
+	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-bad", badTarget, map[string]string{"mode": "sideways"})); err != nil {
+		t.Fatalf("publish with a bad mode: %v, want fail-open", err)
+	}
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-bad", TargetPath: badTarget}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-hb", badTarget, map[string]string{"mode": "host", "writable": "maybe"})); err == nil {
+		t.Fatal("host-mode publish with a bad attribute succeeded")
 	}
 	m := scrape(t, srv.URL)
 	if got := sample(t, m, "oneagent_csi_volumes", map[string]string{"mode": "app", "state": "published"}); got != 1 {
@@ -139,13 +146,13 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 		labels map[string]string
 		want   float64
 	}{
-		{"oneagent_csi_operation_duration_seconds", map[string]string{"operation": "publish", "mode": "app", "code": "OK"}, 1},
+		{"oneagent_csi_operation_duration_seconds", map[string]string{"operation": "publish", "mode": "app", "code": "OK"}, 2},
 		{"oneagent_csi_operation_duration_seconds", map[string]string{"operation": "publish", "code": "InvalidArgument"}, 1},
-		{"oneagent_csi_operation_duration_seconds", map[string]string{"operation": "unpublish", "code": "OK"}, 1},
+		{"oneagent_csi_operation_duration_seconds", map[string]string{"operation": "unpublish", "code": "OK"}, 2},
 		{"oneagent_csi_operations_in_flight", map[string]string{"operation": "publish"}, 0},
 		{"oneagent_csi_downloads_total", map[string]string{"result": "ok"}, 1},
 		{"oneagent_csi_install_duration_seconds", nil, 1},
-		{"oneagent_csi_fail_open_total", nil, 0},
+		{"oneagent_csi_fail_open_total", map[string]string{"reason": "invalid_attributes"}, 1},
 	}
 	for _, c := range checks {
 		if got := sample(t, m, c.family, c.labels); got != c.want {
@@ -197,7 +204,7 @@ func TestPrefetchFollowsLatest(t *testing.T) {
 		return false
 	})
 
-	target := filepath.Join(n.TargetRoot, "p", "mount")
+	target := harness.Target(n.TargetRoot, "p")
 	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-p", target, nil)); err != nil {
 		t.Fatal(err)
 	}

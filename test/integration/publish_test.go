@@ -4,6 +4,7 @@ package integration
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -51,7 +52,7 @@ func TestPublishServesAgentReadOnly(t *testing.T) {
 	harness.RequireRoot(t)
 	n := harness.Start(t, harness.Config{})
 	ctx := harness.Ctx(t)
-	target := filepath.Join(n.TargetRoot, "pods/uid-1/volumes/kubernetes.io~csi/oneagent/mount")
+	target := harness.Target(n.TargetRoot, "1")
 	if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
 		t.Fatal(err)
 	}
@@ -111,7 +112,7 @@ func TestWritableOverlay(t *testing.T) {
 	harness.RequireRoot(t)
 	n := harness.Start(t, harness.Config{})
 	ctx := harness.Ctx(t)
-	target := filepath.Join(n.TargetRoot, "w/mount")
+	target := harness.Target(n.TargetRoot, "w")
 	req := harness.PublishRequest("vol-w", target, map[string]string{"writable": "true"})
 	req.Readonly = false
 	if _, err := n.Node.NodePublishVolume(ctx, req); err != nil {
@@ -138,7 +139,7 @@ func TestHostModeAllowList(t *testing.T) {
 		o.HostAllow = []driver.HostAllowRule{{Namespace: "dynatrace", ServiceAccount: "oneagent"}}
 	}})
 	ctx := harness.Ctx(t)
-	target := filepath.Join(n.TargetRoot, "host/mount")
+	target := harness.Target(n.TargetRoot, "host")
 	req := harness.PublishRequest("vol-h", target, map[string]string{"mode": "host"})
 	_, err := n.Node.NodePublishVolume(ctx, req)
 	if status.Code(err) != codes.PermissionDenied {
@@ -167,11 +168,29 @@ func TestHostModeAllowList(t *testing.T) {
 	}
 }
 
-func TestInvalidRequestsNameTheField(t *testing.T) {
+// failedOpenEmpty checks that target is an empty read-only dir and the
+// record says failedOpen with a reason containing want.
+func failedOpenEmpty(t *testing.T, n *harness.Node, volumeID, target, want string) {
+	t.Helper()
+	entries, err := os.ReadDir(target)
+	if err != nil || len(entries) != 0 {
+		t.Fatalf("fail-open target = %v, %v; want an empty dir", entries, err)
+	}
+	if err := os.WriteFile(filepath.Join(target, "x"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Fatalf("fail-open dir is writable: %v", err)
+	}
+	rec, err := n.Index.GetVolume(volumeID)
+	if err != nil || rec.State != storage.VolumeFailedOpen || !strings.Contains(rec.Reason, want) {
+		t.Fatalf("record = %+v, %v; want failedOpen with a reason containing %q", rec, err, want)
+	}
+}
+
+// Invalid attributes in app mode fail open at the first attempt (no retry
+// can fix them), naming the field in the record; host mode refuses them.
+func TestInvalidAttributesFailOpenAtOnce(t *testing.T) {
 	harness.RequireRoot(t)
 	n := harness.Start(t, harness.Config{})
 	ctx := harness.Ctx(t)
-	target := filepath.Join(n.TargetRoot, "bad/mount")
 	tests := []struct {
 		attrs map[string]string
 		field string
@@ -182,23 +201,67 @@ func TestInvalidRequestsNameTheField(t *testing.T) {
 		{map[string]string{"version": "newest"}, "version"},
 		{map[string]string{"retryTimeout": "soon"}, "retryTimeout"},
 		{map[string]string{"writable": "yes"}, "writable"},
-		{map[string]string{"dynakube": "unknown"}, "unknown"},
+		// An annotation typo, or injector and node configs out of step.
+		{map[string]string{"dynakube": "prdo"}, "prdo"},
 	}
-	for _, tc := range tests {
+	for i, tc := range tests {
 		t.Run(tc.field, func(t *testing.T) {
-			_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-bad", target, tc.attrs))
-			if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), tc.field) {
-				t.Fatalf("err = %v, want InvalidArgument naming %s", err, tc.field)
+			id := fmt.Sprintf("vol-bad-%d", i)
+			target := harness.Target(n.TargetRoot, id)
+			if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest(id, target, tc.attrs)); err != nil {
+				t.Fatalf("first attempt: %v, want fail-open", err)
 			}
-			if _, serr := os.Stat(target); !errors.Is(serr, os.ErrNotExist) {
-				t.Errorf("an invalid request left the target behind")
+			failedOpenEmpty(t, n, id, target, tc.field)
+			if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+				t.Fatal(err)
 			}
 		})
+	}
+	target := harness.Target(n.TargetRoot, "host-bad")
+	_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-hb", target, map[string]string{"mode": "host", "writable": "yes"}))
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "writable") {
+		t.Fatalf("host mode with an invalid attribute: %v, want InvalidArgument naming writable", err)
 	}
 	req := harness.PublishRequest("vol-bad", target, nil)
 	req.VolumeCapability = &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}}
 	if _, err := n.Node.NodePublishVolume(ctx, req); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "block") {
 		t.Fatalf("block capability: %v", err)
+	}
+	if _, serr := os.Stat(target); !errors.Is(serr, os.ErrNotExist) {
+		t.Errorf("a refused request left the target behind")
+	}
+}
+
+// A failing overlay mount (here ENOSPC creating the writable layer) is retried
+// like any other error and fails open after retryTimeout.
+func TestFailingMountFailsOpenAfterRetryTimeout(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{})
+	ctx := harness.Ctx(t)
+	// Room for the volume's own dir, none for its upper and work dirs.
+	volumes := n.Layout.Abs(n.Layout.VolumesDir())
+	if err := syscall.Mount("tmpfs", volumes, "tmpfs", 0, "nr_inodes=2,size=64k"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(volumes, syscall.MNT_DETACH) })
+	target := harness.Target(n.TargetRoot, "nospc")
+	req := harness.PublishRequest("vol-nospc", target, map[string]string{"writable": "true", "retryTimeout": "1s"})
+	req.Readonly = false
+	_, err := n.Node.NodePublishVolume(ctx, req)
+	if err == nil || !strings.Contains(err.Error(), "no space left") {
+		t.Fatalf("first attempt: %v, want the ENOSPC error (kubelet retries)", err)
+	}
+	rec, err := n.Index.GetVolume("vol-nospc")
+	if err != nil || rec.State != storage.VolumePending || rec.FirstAttempt.IsZero() {
+		t.Fatalf("first attempt not recorded: %+v, %v", rec, err)
+	}
+	harness.Eventually(t, 10*time.Second, "fail-open", func() bool {
+		_, err := n.Node.NodePublishVolume(ctx, req)
+		return err == nil
+	})
+	failedOpenEmpty(t, n, "vol-nospc", target, "no space left")
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-nospc", TargetPath: target}); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -214,7 +277,7 @@ func TestConcurrentPublishesOfUncachedVersionDownloadOnce(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			id := "vol-c-" + strconv.Itoa(i)
-			target := filepath.Join(n.TargetRoot, id, "mount")
+			target := harness.Target(n.TargetRoot, id)
 			// Retry non-final codes as kubelet does.
 			for {
 				_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest(id, target, nil))
@@ -248,7 +311,7 @@ func TestTenantDownFailsOpenAfterRetryTimeout(t *testing.T) {
 	n := harness.Start(t, harness.Config{Driver: func(o *driver.Options) { o.PublishWait = 200 * time.Millisecond }})
 	ctx := harness.Ctx(t)
 	n.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultStatus})
-	target := filepath.Join(n.TargetRoot, "fo/mount")
+	target := harness.Target(n.TargetRoot, "fo")
 	req := harness.PublishRequest("vol-fo", target, map[string]string{"retryTimeout": "1s"})
 	_, err := n.Node.NodePublishVolume(ctx, req)
 	if c := status.Code(err); c != codes.Unavailable {
@@ -281,21 +344,27 @@ func TestTenantDownFailsOpenAfterRetryTimeout(t *testing.T) {
 	}
 }
 
-func TestPermanentTenantErrorsSurface(t *testing.T) {
+// A version the tenant does not have fails open at once; a refused token
+// may be fixed by rotating the Secret, so it is retried (FailedPrecondition)
+// until retryTimeout.
+func TestPermanentTenantErrors(t *testing.T) {
 	harness.RequireRoot(t)
 	n := harness.Start(t, harness.Config{})
 	ctx := harness.Ctx(t)
-	target := filepath.Join(n.TargetRoot, "perm/mount")
-	_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-p", target, map[string]string{"version": "1.1.1.20200101-000000"}))
-	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "404") || !strings.Contains(err.Error(), `"prod"`) {
-		t.Fatalf("unknown version: %v, want FailedPrecondition naming the tenant and 404", err)
+	target := harness.Target(n.TargetRoot, "perm")
+	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-p", target, map[string]string{"version": "1.1.1.20200101-000000"})); err != nil {
+		t.Fatalf("unknown version: %v, want fail-open at once", err)
+	}
+	failedOpenEmpty(t, n, "vol-p", target, "404")
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-p", TargetPath: target}); err != nil {
+		t.Fatal(err)
 	}
 	if err := os.WriteFile(n.TenantConf.TokenFile, []byte("wrong"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	_, err = n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-p2", target, map[string]string{"version": faketenant.DefaultVersions[0]}))
-	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "401") {
-		t.Fatalf("wrong token: %v, want FailedPrecondition with 401", err)
+	_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-p2", target, map[string]string{"version": faketenant.DefaultVersions[0]}))
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "401") || !strings.Contains(err.Error(), `"prod"`) {
+		t.Fatalf("wrong token: %v, want FailedPrecondition naming the tenant and 401", err)
 	}
 }
 
@@ -304,7 +373,7 @@ func TestRetriesThenSuccess(t *testing.T) {
 	n := harness.Start(t, harness.Config{})
 	ctx := harness.Ctx(t)
 	n.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultStatus, Count: 2})
-	target := filepath.Join(n.TargetRoot, "retry/mount")
+	target := harness.Target(n.TargetRoot, "retry")
 	if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-r", target, nil)); err != nil {
 		t.Fatalf("publish after two 503s: %v", err)
 	}
@@ -321,7 +390,7 @@ func TestBusyTargetIsAborted(t *testing.T) {
 	})
 	ctx := harness.Ctx(t)
 	n.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultStall, Route: faketenant.RouteDownload, Stall: 3 * time.Second, Count: 1})
-	target := filepath.Join(n.TargetRoot, "busy/mount")
+	target := harness.Target(n.TargetRoot, "busy")
 	first := make(chan error, 1)
 	go func() {
 		_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-b", target, nil))
@@ -334,7 +403,7 @@ func TestBusyTargetIsAborted(t *testing.T) {
 		t.Fatalf("second publish on a busy target: %v, want Aborted", err)
 	}
 	// Other volumes are not blocked by the running download's lock.
-	other := filepath.Join(n.TargetRoot, "other/mount")
+	other := harness.Target(n.TargetRoot, "other")
 	_, err = n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "x", TargetPath: other})
 	if err != nil {
 		t.Fatalf("unpublish of another target blocked: %v", err)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -74,7 +75,7 @@ func TestKillDuringDownload(t *testing.T) {
 	if got := harness.DirNames(t, tmp); len(got) != 0 {
 		t.Fatalf("tmp/ not wiped at start-up: %v", got)
 	}
-	target := filepath.Join(e.Targets, "v1/mount")
+	target := harness.Target(e.Targets, "v1")
 	ctx := harness.Ctx(t)
 	if _, err := p2.Node.NodePublishVolume(ctx, harness.PublishRequest("v1", target, nil)); err != nil {
 		t.Fatal(err)
@@ -93,7 +94,7 @@ func TestKillWhilePublished(t *testing.T) {
 	var targets []string
 	for i := range 5 {
 		id := fmt.Sprintf("vol-%d", i)
-		target := filepath.Join(e.Targets, id, "mount")
+		target := harness.Target(e.Targets, id)
 		if _, err := p.Node.NodePublishVolume(ctx, harness.PublishRequest(id, target, nil)); err != nil {
 			t.Fatal(err)
 		}
@@ -137,4 +138,45 @@ func TestKillWhilePublished(t *testing.T) {
 	if len(arts) != 1 {
 		t.Fatalf("rebuilt index has %d artifacts, want 1", len(arts))
 	}
+}
+
+// A second node process on the same data dir refuses to start with a clear
+// message and leaves the first one's running install untouched.
+func TestSecondProcessOnTheSameDataDirRefuses(t *testing.T) {
+	harness.RequireRoot(t)
+	e := harness.NewProcessEnv(t, faketenant.Options{ModuleSize: 2 << 20}, true)
+	e.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultSlow, Route: faketenant.RouteDownload, Rate: 512 << 10})
+	p := e.Start()
+	tmp := filepath.Join(e.DataDir, "tmp")
+	harness.Eventually(t, 30*time.Second, "the first process's download in tmp/", func() bool {
+		return len(harness.DirNames(t, tmp)) > 0
+	})
+	staged := harness.DirNames(t, tmp)
+
+	// Same data dir, its own sockets: only the data dir collides.
+	e2 := *e
+	sockets := t.TempDir()
+	cfg, _ := os.ReadFile(e.Config)
+	cfg2 := strings.NewReplacer(e.Socket, filepath.Join(sockets, "csi.sock"), e.AdminSocket, filepath.Join(sockets, "admin.sock")).Replace(string(cfg))
+	e2.Config = filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(e2.Config, []byte(cfg2), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(harness.Binary(t), "node", "--config", e2.Config).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "in use by another oneagent-csi node process") || !strings.Contains(string(out), e.DataDir) {
+		t.Fatalf("second process: %v\n%s\nwant a refusal naming the data dir", err, out)
+	}
+	for _, name := range staged {
+		if _, err := os.Stat(filepath.Join(tmp, name)); err != nil {
+			t.Fatalf("the refused process touched the first one's staging file %s: %v", name, err)
+		}
+	}
+	e.Tenant.SetFaults()
+	target := harness.Target(e.Targets, "v1")
+	ctx := harness.Ctx(t)
+	harness.Eventually(t, 60*time.Second, "the first process's install", func() bool {
+		_, err := p.Node.NodePublishVolume(ctx, harness.PublishRequest("v1", target, nil))
+		return err == nil
+	})
+	checkComplete(t, e.DataDir, target)
 }

@@ -6,6 +6,7 @@ package sanity
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -79,7 +80,12 @@ func TestSanity(t *testing.T) {
 	cfg := sanity.NewTestConfig()
 	cfg.Address = "unix://" + node.Socket
 	cfg.ControllerAddress = "unix://" + ctrlSock
-	cfg.TargetPath = filepath.Join(node.TargetRoot, "target")
+	// The suite publishes at <TargetPath>/target.
+	cfg.TargetPath = filepath.Dir(harness.Target(node.TargetRoot, "sanity"))
+	// The suite makes TargetPath itself; kubelet makes the dirs above.
+	if err := os.MkdirAll(filepath.Dir(cfg.TargetPath), 0o750); err != nil {
+		t.Fatal(err)
+	}
 	cfg.StagingPath = filepath.Join(node.TargetRoot, "staging")
 	cfg.IdempotentCount = 3
 

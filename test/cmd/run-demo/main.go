@@ -78,6 +78,7 @@ func run(bin string, keep bool) error {
 	socket := filepath.Join(root, "csi/csi.sock")
 	cfg := map[string]any{
 		"nodeID": "demo-node", "dataDir": filepath.Join(root, "data"), "csiSocket": socket, "httpAddr": "127.0.0.1:0",
+		"kubeletDir": filepath.Join(root, "kubelet"),
 		"tenants": []map[string]string{{"name": "demo", "apiURL": tenant.URL, "tokenFile": filepath.Join(root, "token"),
 			"caFile": filepath.Join(root, "tenant-ca.pem")}},
 	}
