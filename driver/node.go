@@ -240,7 +240,7 @@ func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.V
 		return err
 	}
 	l := d.opts.Layout
-	lower := l.Abs(l.TenantLayer(prep.Tenant, prep.Layer.Rev)) + ":" + l.Abs(l.Artifact(prep.Artifact.ID))
+	lower := l.Abs(prep.LayerDir) + ":" + l.Abs(prep.ArtifactDir)
 	options := []string{"lowerdir=" + lower}
 	if r.attrs.Writable {
 		upper, work := l.VolumeUpper(r.volumeID), l.VolumeWork(r.volumeID)

@@ -38,7 +38,8 @@ func (f *fakeProvisioner) Prepare(_ context.Context, tenant, pin string) (provis
 		return provisioner.Prepared{}, f.err
 	}
 	return provisioner.Prepared{Tenant: tenant, Version: "1.2.3",
-		Artifact: storage.Artifact{ID: strings.Repeat("a", 64)}, Layer: storage.TenantLayer{Tenant: tenant, Rev: "r1-x"}}, nil
+		Artifact: storage.Artifact{ID: strings.Repeat("a", 64)}, Layer: storage.TenantLayer{Tenant: tenant, Rev: "r1-x"},
+		ArtifactDir: "artifacts/" + strings.Repeat("a", 64) + "/tree", LayerDir: "tenants/" + tenant + "/r1-x/tree"}, nil
 }
 
 func (f *fakeProvisioner) EnsureHostDir(tenant string) (string, error) { return "host/" + tenant, nil }
@@ -141,7 +142,7 @@ func TestPublishMountsReadOnlyOverlay(t *testing.T) {
 		t.Fatalf("mounts = %+v", mps)
 	}
 	opts := strings.Join(mps[0].Opts, ",")
-	want := "lowerdir=/var/lib/oneagent-csi/tenants/prod/r1-x:/var/lib/oneagent-csi/artifacts/" + strings.Repeat("a", 64)
+	want := "lowerdir=/var/lib/oneagent-csi/tenants/prod/r1-x/tree:/var/lib/oneagent-csi/artifacts/" + strings.Repeat("a", 64) + "/tree"
 	if !strings.Contains(opts, want) || !strings.Contains(opts, "ro") {
 		t.Fatalf("options %q, want %q and ro", opts, want)
 	}

@@ -209,6 +209,14 @@ func logExtractProgress(ctx context.Context, done *atomic.Int64, total int) func
 	return func() { close(stop); <-finished }
 }
 
+// Name limits, checked before anything is written: the kernel refuses
+// longer names with ENAMETOOLONG deep inside extraction.
+const (
+	maxNameComponent = 255  // bytes of one path component (NAME_MAX)
+	maxNameLength    = 2048 // bytes of an entry's path, leaving room for the data dir below PATH_MAX
+	maxLinkHops      = 40   // symlinks followed while resolving one link, as the kernel's ELOOP limit
+)
+
 // planExtraction validates every entry and returns the entries to create,
 // sorted by path.
 func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntry, error) {
@@ -218,15 +226,19 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 	var declared uint64
 	plan := make([]plannedEntry, 0, len(zr.File))
 	seen := make(map[string]string, len(zr.File))
+	links := map[string]string{}
 	for order, f := range zr.File {
 		name, err := cleanEntryName(f.Name)
 		if err != nil {
 			return nil, err
 		}
-		if name == "" {
-			continue // the archive root itself
-		}
 		mode := f.Mode()
+		if name == "" {
+			if mode.IsDir() {
+				continue // the archive root itself
+			}
+			return nil, badArchive("entry %q is not a directory but names the archive root", shortName(f.Name))
+		}
 		p := plannedEntry{f: f, name: name, order: order}
 		switch {
 		case mode.IsDir():
@@ -238,13 +250,10 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 				return nil, err
 			}
 			if path.IsAbs(target) || strings.Contains(target, "\\") || strings.ContainsRune(target, 0) {
-				return nil, badArchive("symlink %s -> %s points outside the artifact", name, target)
-			}
-			resolved := path.Clean(path.Join(path.Dir(name), target))
-			if resolved == ".." || strings.HasPrefix(resolved, "../") {
-				return nil, badArchive("symlink %s -> %s points outside the artifact", name, target)
+				return nil, badArchive("symlink %s -> %s points outside the artifact", name, shortName(target))
 			}
 			p.link = target
+			links[name] = target
 		case mode.IsRegular():
 			p.kind = "file"
 			if f.Method != zip.Store && f.Method != zip.Deflate {
@@ -281,22 +290,88 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 			}
 		}
 	}
+	// Every link must stay inside the tree when followed the way the kernel
+	// follows it: through the other links of the archive, component by
+	// component (l -> . then esc -> l/.. leaves the tree, though "l/.."
+	// cleans to ".").
+	for name, target := range links {
+		hops := 0
+		if _, ok := resolveInTree(links, splitPath(path.Dir(name)), target, &hops); !ok {
+			return nil, badArchive("symlink %s -> %s points outside the artifact (through the archive's other links)", name, shortName(target))
+		}
+	}
 	sort.Slice(plan, func(i, j int) bool { return plan[i].name < plan[j].name })
 	return plan, nil
 }
 
+// splitPath splits a cleaned relative path into components ("." is none).
+func splitPath(p string) []string {
+	if p == "." || p == "" {
+		return nil
+	}
+	return strings.Split(p, "/")
+}
+
+// resolveInTree follows rel from the dir at components dir, resolving every
+// component that is one of the archive's links, and returns where it ends;
+// false when it climbs above the tree's root or loops.
+func resolveInTree(links map[string]string, dir []string, rel string, hops *int) ([]string, bool) {
+	cur := append([]string(nil), dir...)
+	for _, c := range strings.Split(rel, "/") {
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			if len(cur) == 0 {
+				return nil, false
+			}
+			cur = cur[:len(cur)-1]
+			continue
+		}
+		cur = append(cur, c)
+		target, isLink := links[strings.Join(cur, "/")]
+		if !isLink {
+			continue
+		}
+		if *hops++; *hops > maxLinkHops {
+			return nil, false
+		}
+		var ok bool
+		if cur, ok = resolveInTree(links, cur[:len(cur)-1], target, hops); !ok {
+			return nil, false
+		}
+	}
+	return cur, true
+}
+
+// shortName keeps names in error messages short: a hostile archive can make
+// them kilobytes long.
+func shortName(name string) string {
+	const keep = 80
+	if len(name) <= keep {
+		return name
+	}
+	return fmt.Sprintf("%s...(%d bytes)", name[:keep], len(name))
+}
+
 // cleanEntryName returns the entry's path relative to the artifact root, or
-// an error when it is absolute or climbs out.
+// an error when it is absolute, climbs out, or is too long.
 func cleanEntryName(name string) (string, error) {
+	if len(name) > maxNameLength {
+		return "", badArchive("entry name %q is longer than %d bytes", shortName(name), maxNameLength)
+	}
 	if strings.ContainsRune(name, 0) || strings.Contains(name, "\\") {
-		return "", badArchive("entry name %q has a NUL or backslash", name)
+		return "", badArchive("entry name %q has a NUL or backslash", shortName(name))
 	}
 	if path.IsAbs(name) || (len(name) >= 2 && name[1] == ':') {
-		return "", badArchive("entry %q has an absolute path", name)
+		return "", badArchive("entry %q has an absolute path", shortName(name))
 	}
 	for _, part := range strings.Split(name, "/") {
 		if part == ".." {
-			return "", badArchive("entry %q climbs out with ..", name)
+			return "", badArchive("entry %q climbs out with ..", shortName(name))
+		}
+		if len(part) > maxNameComponent {
+			return "", badArchive("entry %q has a path component longer than %d bytes", shortName(name), maxNameComponent)
 		}
 	}
 	clean := path.Clean(name)

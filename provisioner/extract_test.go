@@ -90,6 +90,27 @@ func TestExtractRejectsUnsafeArchives(t *testing.T) {
 		{"zip bomb ratio", []zipEntry{{name: "bomb", data: zeros, method: zip.Deflate}}, provisioner.Limits{}, "ratio limit"},
 		{"unsupported method", []zipEntry{{name: "a.bz2", data: []byte("x"), method: 12}}, provisioner.Limits{}, "compression method 12"},
 		{"reserved name", []zipEntry{{name: ".oneagent-csi-manifest", data: []byte("{}")}}, provisioner.Limits{}, "reserved"},
+		// Each link passes a textual check; followed through the others, the
+		// last one reads a host file.
+		{"symlink chain escape", []zipEntry{
+			{name: "l", mode: os.ModeSymlink | 0o777, data: []byte(".")},
+			{name: "esc", mode: os.ModeSymlink | 0o777, data: []byte("l/..")},
+			{name: "esc2", mode: os.ModeSymlink | 0o777, data: []byte("esc/..")},
+			{name: "agent/conf/ruxitagentproc.conf", mode: os.ModeSymlink | 0o777, data: []byte("../../esc2/SECRET")},
+		}, provisioner.Limits{}, "outside the artifact"},
+		{"symlink through a dir link", []zipEntry{
+			{name: "agent/up", mode: os.ModeSymlink | 0o777, data: []byte("..")},
+			{name: "x", mode: os.ModeSymlink | 0o777, data: []byte("agent/up/..")},
+		}, provisioner.Limits{}, "outside the artifact"},
+		{"symlink loop", []zipEntry{
+			{name: "a", mode: os.ModeSymlink | 0o777, data: []byte("b")},
+			{name: "b", mode: os.ModeSymlink | 0o777, data: []byte("a/x")},
+		}, provisioner.Limits{}, "outside the artifact"},
+		{"file named as the root", []zipEntry{{name: "./.", mode: 0o644, data: []byte("dropped?")}}, provisioner.Limits{}, "names the archive root"},
+		{"file with an empty name", []zipEntry{{name: "", mode: 0o644, data: []byte("x")}}, provisioner.Limits{}, "names the archive root"},
+		{"file named dot", []zipEntry{{name: ".", mode: 0o644, data: []byte("x")}}, provisioner.Limits{}, "names the archive root"},
+		{"component too long", []zipEntry{{name: "agent/" + strings.Repeat("n", 300), data: []byte("x")}}, provisioner.Limits{}, "longer than 255"},
+		{"name too long", []zipEntry{{name: strings.Repeat("d/", 5000) + "f", data: []byte("x")}}, provisioner.Limits{}, "longer than 2048"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -98,10 +119,32 @@ func TestExtractRejectsUnsafeArchives(t *testing.T) {
 			if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want bad archive mentioning %q", err, tc.want)
 			}
+			if len(err.Error()) > 300 {
+				t.Errorf("error message is %d bytes; a hostile name must not make it long", len(err.Error()))
+			}
 			if _, err := fsys.Stat("out"); !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("out/ was created for an archive refused before extraction")
 			}
 		})
+	}
+}
+
+// Links that stay inside the tree, also through other links, are kept.
+func TestExtractKeepsLinksInsideTheTree(t *testing.T) {
+	fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
+	_, err := extractBytes(t, fsys, makeZip(t,
+		zipEntry{name: "agent/lib64/liboneagentproc.so", data: []byte("elf")},
+		zipEntry{name: "agent/lib", mode: os.ModeSymlink | 0o777, data: []byte("lib64")},
+		zipEntry{name: "agent/bin/current", mode: os.ModeSymlink | 0o777, data: []byte("../lib/liboneagentproc.so")},
+		zipEntry{name: "here", mode: os.ModeSymlink | 0o777, data: []byte(".")},
+		zipEntry{name: "via", mode: os.ModeSymlink | 0o777, data: []byte("here/agent/../agent/lib")},
+	), provisioner.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := afero.ReadFile(fsys, "out/agent/bin/current")
+	if err != nil || string(b) != "elf" {
+		t.Fatalf("link through a link: %q, %v", b, err)
 	}
 }
 

@@ -184,7 +184,7 @@ func (p *Provisioner) GC(ctx context.Context, dryRun bool) (GCReport, error) {
 		return rep, err
 	}
 	// Orphan records first: they may be the last reference to an artifact.
-	if vols, err = p.sweepRecords(ctx, &rep, vols, mounts.mounted, now, dryRun); err != nil {
+	if vols, err = p.sweepRecords(ctx, &rep, vols, mounts.mounted, mounts.volumeDirs, now, dryRun); err != nil {
 		return rep, err
 	}
 	if err := p.sweepVolumeDirs(ctx, &rep, vols, mounts.volumeDirs, now, dryRun); err != nil {
@@ -472,8 +472,10 @@ func (p *Provisioner) currentVersion(tenant string) string {
 
 // sweepRecords removes records (and per-volume dirs) of volumes whose target
 // is no longer mounted: published ones after OrphanGrace, pending ones after
-// pendingGrace. It returns the records that remain.
-func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []storage.Volume, mounted map[string]bool, now time.Time, dryRun bool) ([]storage.Volume, error) {
+// pendingGrace. A per-volume dir that a mounted overlay still uses as its
+// upper dir (wherever it is mounted) is kept. It returns the records that
+// remain.
+func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []storage.Volume, mounted, upperInUse map[string]bool, now time.Time, dryRun bool) ([]storage.Volume, error) {
 	kept := vols[:0:0]
 	for _, v := range vols {
 		since, grace := v.PublishedAt, p.opts.GC.OrphanGrace
@@ -488,7 +490,9 @@ func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []st
 			if err := p.opts.Index.DeleteVolume(v.ID, v.TargetPath); err != nil {
 				return nil, err
 			}
-			_ = p.opts.Fs.RemoveAll(p.opts.Layout.Volume(v.ID))
+			if !upperInUse[storage.VolumeDirName(v.ID)] {
+				_ = p.opts.Fs.RemoveAll(p.opts.Layout.Volume(v.ID))
+			}
 			klog.FromContext(ctx).Info("removed record of a volume that is no longer mounted", "volumeID", v.ID,
 				"target", v.TargetPath, "pod", klog.KRef(v.PodNamespace, v.PodName), "state", v.State, "reason", ReasonOrphanRecord)
 		}

@@ -270,6 +270,9 @@ func TestGCSweepsOrphanRecords(t *testing.T) {
 		{ID: "mounted", TargetPath: "/pods/mounted/mount", State: storage.VolumePublished, FirstAttempt: now.Add(-time.Hour), PublishedAt: now.Add(-time.Hour)},
 		{ID: "retrying", TargetPath: "/pods/retrying/mount", State: storage.VolumePending, FirstAttempt: now.Add(-time.Hour)},
 		{ID: "abandoned", TargetPath: "/pods/abandoned/mount", State: storage.VolumePending, FirstAttempt: now.Add(-48 * time.Hour)},
+		// Its record names a target that is gone, but its writable layer is
+		// the upper dir of an overlay mounted elsewhere.
+		{ID: "moved", TargetPath: "/pods/moved/mount", State: storage.VolumePublished, Writable: true, FirstAttempt: now.Add(-time.Hour), PublishedAt: now.Add(-time.Hour)},
 	}
 	for _, v := range vols {
 		v.Mode = api.ModeApp
@@ -277,8 +280,10 @@ func TestGCSweepsOrphanRecords(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := os.MkdirAll(g.layout.Abs(g.layout.VolumeUpper("lost")), 0o755); err != nil {
-		t.Fatal(err)
+	for _, id := range []string{"lost", "moved"} {
+		if err := os.MkdirAll(g.layout.Abs(g.layout.VolumeUpper(id)), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// Per-volume dirs: one no record refers to (old), one a live overlay
 	// uses as its upper dir (no record either), one too young to sweep.
@@ -294,7 +299,8 @@ func TestGCSweepsOrphanRecords(t *testing.T) {
 		}
 	}
 	g.mounts = []mount.MountInfo{{MountPoint: "/pods/mounted/mount", FsType: "overlay"},
-		{MountPoint: "/pods/writable/mount", FsType: "overlay", SuperOptions: []string{"upperdir=" + g.layout.Abs(g.layout.VolumeUpper("in-use"))}}}
+		{MountPoint: "/pods/writable/mount", FsType: "overlay", SuperOptions: []string{"upperdir=" + g.layout.Abs(g.layout.VolumeUpper("in-use"))}},
+		{MountPoint: "/pods/elsewhere/mount", FsType: "overlay", SuperOptions: []string{"upperdir=" + g.layout.Abs(g.layout.VolumeUpper("moved"))}}}
 	rep, err := g.prov.GC(context.Background(), false)
 	if err != nil {
 		t.Fatal(err)
@@ -306,7 +312,7 @@ func TestGCSweepsOrphanRecords(t *testing.T) {
 		}
 	}
 	slices.Sort(swept)
-	if want := []string{"abandoned", "lost"}; !slices.Equal(swept, want) {
+	if want := []string{"abandoned", "lost", "moved"}; !slices.Equal(swept, want) {
 		t.Fatalf("swept %v, want %v", swept, want)
 	}
 	for _, id := range []string{"lost", "abandoned"} {
@@ -317,7 +323,7 @@ func TestGCSweepsOrphanRecords(t *testing.T) {
 	if _, err := os.Stat(g.layout.Abs(g.layout.Volume("lost"))); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("volume dir of the lost volume kept: %v", err)
 	}
-	for dir, want := range map[string]bool{"stray": false, "in-use": true, "young": true} {
+	for dir, want := range map[string]bool{"stray": false, "in-use": true, "young": true, "moved": true} {
 		_, err := os.Stat(g.layout.Abs(g.layout.Volume(dir)))
 		if (err == nil) != want {
 			t.Errorf("per-volume dir %s: present = %v, want %v", dir, err == nil, want)

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/afero"
@@ -128,17 +129,18 @@ func (p *Provisioner) writeLayer(tenant, rev string, a storage.Artifact, pmc Pro
 	if existing, err := storage.ReadLayerInfo(fs, l, tenant, rev); err == nil {
 		return existing, p.opts.Index.PutLayer(existing)
 	}
-	base, err := afero.ReadFile(fs, filepath.Join(l.Artifact(a.ID), ruxitConfPath))
+	base, err := readFileNoFollow(fs, storage.ServedArtifact(fs, l, a.ID), ruxitConfPath)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return lay, fmt.Errorf("read %s of artifact %s: %w", ruxitConfPath, a.ID, err)
 	}
 	merged := MergeRuxitAgentProcConf(base, pmc.Properties)
 	stage := l.TmpEntry(randomName("layer-"))
 	defer func() { _ = fs.RemoveAll(stage) }()
-	if err := fs.MkdirAll(filepath.Join(stage, filepath.Dir(ruxitConfPath)), 0o755); err != nil {
+	tree := filepath.Join(stage, l.TreeName())
+	if err := fs.MkdirAll(filepath.Join(tree, filepath.Dir(ruxitConfPath)), 0o755); err != nil {
 		return lay, err
 	}
-	if err := writeFileSync(fs, filepath.Join(stage, ruxitConfPath), merged, 0o644); err != nil {
+	if err := writeFileSync(fs, filepath.Join(tree, ruxitConfPath), merged, 0o644); err != nil {
 		return lay, err
 	}
 	info, err := json.Marshal(lay)
@@ -151,11 +153,17 @@ func (p *Provisioner) writeLayer(tenant, rev string, a storage.Artifact, pmc Pro
 	if err := fs.MkdirAll(filepath.Dir(l.TenantLayer(tenant, rev)), 0o755); err != nil {
 		return lay, err
 	}
+	if err := syncFilesystem(fs, stage); err != nil {
+		return lay, err
+	}
 	if err := fs.Rename(stage, l.TenantLayer(tenant, rev)); err != nil {
 		if existing, rerr := storage.ReadLayerInfo(fs, l, tenant, rev); rerr == nil {
 			return existing, p.opts.Index.PutLayer(existing)
 		}
 		return lay, fmt.Errorf("install tenant layer %s/%s: %w", tenant, rev, err)
+	}
+	if err := syncDir(fs, filepath.Dir(l.TenantLayer(tenant, rev))); err != nil {
+		return lay, err
 	}
 	return lay, p.opts.Index.PutLayer(lay)
 }
@@ -174,4 +182,27 @@ func writeFileSync(fs afero.Fs, path string, data []byte, perm os.FileMode) erro
 		return err
 	}
 	return f.Close()
+}
+
+// readFileNoFollow reads root/rel without following a symlink anywhere
+// below root: an archive's links are checked to stay inside the artifact,
+// but the tenant layer must not depend on that check to keep host files out
+// of every pod's config.
+func readFileNoFollow(fsys afero.Fs, root, rel string) ([]byte, error) {
+	lst, ok := fsys.(afero.Lstater)
+	if !ok {
+		return nil, fmt.Errorf("filesystem %s cannot tell symlinks", fsys.Name())
+	}
+	p := root
+	for _, part := range strings.Split(filepath.ToSlash(rel), "/") {
+		p = filepath.Join(p, part)
+		fi, _, err := lst.LstatIfPossible(p)
+		if err != nil {
+			return nil, err
+		}
+		if fi.Mode()&os.ModeSymlink != 0 {
+			return nil, fmt.Errorf("%s is a symlink: refusing to read through it", p)
+		}
+	}
+	return afero.ReadFile(fsys, p)
 }

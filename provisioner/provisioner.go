@@ -200,6 +200,9 @@ type Prepared struct {
 	Version  string
 	Artifact storage.Artifact
 	Layer    storage.TenantLayer
+	// ArtifactDir and LayerDir are the served dirs (relative to the data
+	// dir) that the overlay stacks: the layer over the artifact.
+	ArtifactDir, LayerDir string
 }
 
 // Prepare resolves the version for tenant (pin overrides the tenant's
@@ -229,6 +232,8 @@ func (p *Provisioner) Prepare(ctx context.Context, tenant, pin string) (Prepared
 			break
 		}
 	}
+	out.ArtifactDir = storage.ServedArtifact(p.opts.Fs, p.opts.Layout, out.Artifact.ID)
+	out.LayerDir = storage.ServedLayer(p.opts.Fs, p.opts.Layout, tenant, out.Layer.Rev)
 	return out, nil
 }
 
@@ -406,17 +411,18 @@ func randomName(prefix string) string {
 	return prefix + hex.EncodeToString(b[:])
 }
 
-// installOnce downloads the ZIP into tmp/, extracts it next to it, writes the
-// manifest and renames the tree into artifacts/<sha256 of the ZIP>. Whatever
-// fails, tmp/ is left clean.
+// installOnce downloads the ZIP into tmp/, extracts it next to it into
+// <stage>/tree, writes the manifest beside the tree, makes all of it durable
+// and renames the stage into artifacts/<sha256 of the ZIP>. Whatever fails,
+// tmp/ is left clean.
 func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.ArtifactKey) (storage.Artifact, error) {
 	l, fs := p.opts.Layout, p.opts.Fs
 	log := klog.FromContext(ctx)
 	base := randomName("install-")
-	zipPath, treePath := l.TmpEntry(base+".zip"), l.TmpEntry(base+".d")
+	zipPath, stagePath := l.TmpEntry(base+".zip"), l.TmpEntry(base+".d")
 	defer func() {
 		_ = fs.Remove(zipPath)
-		_ = fs.RemoveAll(treePath)
+		_ = fs.RemoveAll(stagePath)
 	}()
 
 	dlStart := p.opts.Now()
@@ -436,15 +442,18 @@ func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.Ar
 	}
 
 	exStart := p.opts.Now()
-	ex, err := Extract(ctx, fs, zipPath, treePath, p.opts.Limits, p.opts.ExtractWorkers)
+	if err := fs.Mkdir(stagePath, 0o755); err != nil {
+		return storage.Artifact{}, err
+	}
+	ex, err := Extract(ctx, fs, zipPath, filepath.Join(stagePath, l.TreeName()), p.opts.Limits, p.opts.ExtractWorkers)
 	if err != nil {
 		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: %w", c.Tenant().Name, key.Version, err)
 	}
 	_ = fs.Remove(zipPath) // free the space before the tree is renamed in
 	now := p.opts.Now()
-	hdr := storage.ManifestHeader{Schema: 1, ArtifactID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch,
+	hdr := storage.ManifestHeader{Schema: storage.ManifestSchema, ArtifactID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch,
 		ZipSize: zipSize, Size: ex.Size, Files: ex.Files, InstalledAt: now}
-	mf, err := fs.OpenFile(filepath.Join(treePath, l.ManifestName()), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	mf, err := fs.OpenFile(filepath.Join(stagePath, l.ManifestName()), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return storage.Artifact{}, err
 	}
@@ -459,11 +468,19 @@ func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.Ar
 	if err := mf.Close(); err != nil {
 		return storage.Artifact{}, err
 	}
-	if err := fs.Rename(treePath, l.Artifact(id)); err != nil {
+	// Every extracted file and dir must be on disk before the rename makes
+	// the artifact "ready": a power cut never leaves a truncated file in it.
+	if err := syncFilesystem(fs, stagePath); err != nil {
+		return storage.Artifact{}, fmt.Errorf("install artifact %s: %w", id, err)
+	}
+	if err := fs.Rename(stagePath, l.Artifact(id)); err != nil {
 		if _, serr := fs.Stat(l.ArtifactManifest(id)); serr != nil {
 			return storage.Artifact{}, fmt.Errorf("install artifact %s: %w", id, err)
 		}
 		// A concurrent install of the same bytes under another key won.
+	}
+	if err := syncDir(fs, l.ArtifactsDir()); err != nil {
+		return storage.Artifact{}, fmt.Errorf("install artifact %s: %w", id, err)
 	}
 	a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: zipSize,
 		Size: ex.Size, Files: ex.Files, State: storage.ArtifactReady, InstalledAt: now, LastUsed: now}

@@ -60,11 +60,11 @@ func TestPrepareInstallsArtifactAndLayer(t *testing.T) {
 	if prep.Version != f.srv.Latest() || !storage.ValidArtifactID(prep.Artifact.ID) {
 		t.Fatalf("prepared %+v", prep)
 	}
-	lib := filepath.Join(f.layout.Abs(f.layout.Artifact(prep.Artifact.ID)), "agent/lib64/liboneagentproc.so")
+	lib := filepath.Join(f.layout.Abs(f.layout.ArtifactTree(prep.Artifact.ID)), "agent/lib64/liboneagentproc.so")
 	if _, err := os.Stat(lib); err != nil {
 		t.Fatal(err)
 	}
-	conf, err := os.ReadFile(filepath.Join(f.layout.Abs(f.layout.TenantLayer("prod", prep.Layer.Rev)), "agent/conf/ruxitagentproc.conf"))
+	conf, err := os.ReadFile(filepath.Join(f.layout.Abs(f.layout.LayerTree("prod", prep.Layer.Rev)), "agent/conf/ruxitagentproc.conf"))
 	if err != nil {
 		t.Fatal(err)
 	}

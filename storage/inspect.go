@@ -211,7 +211,7 @@ func Verify(fsys afero.Fs, l Layout, id string) (VerifyResult, error) {
 		return res, fmt.Errorf("artifact %s: read manifest: %w", id, err)
 	}
 	res.Version = h.Version
-	root := l.Artifact(id)
+	root := ServedArtifact(fsys, l, id)
 	seen := map[string]bool{}
 	buf := make([]byte, 256<<10)
 	for _, e := range entries {

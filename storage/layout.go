@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+
+	"github.com/spf13/afero"
 )
 
 // Directory names below the data dir (DESIGN §3).
@@ -20,6 +22,7 @@ const (
 	tmpDir          = "tmp"
 	emptyDir        = "empty"
 	manifestName    = ".oneagent-csi-manifest"
+	treeName        = "tree"
 	volumeUpperName = "upper"
 	volumeWorkName  = "work"
 )
@@ -59,6 +62,15 @@ func (l Layout) ArtifactsDir() string { return artifactsDir }
 // Artifact is the directory of an installed code module.
 func (l Layout) Artifact(id string) string { return filepath.Join(artifactsDir, id) }
 
+// ArtifactTree is the served code module inside the artifact dir: the
+// manifest sits beside it, so one rename installs both and no pod sees the
+// manifest.
+func (l Layout) ArtifactTree(id string) string { return filepath.Join(artifactsDir, id, treeName) }
+
+// TreeName is the name of the served tree inside an artifact or tenant layer
+// dir.
+func (l Layout) TreeName() string { return treeName }
+
 // ArtifactManifest is the per-artifact manifest inside the artifact dir. It
 // lives inside so that one rename installs tree and manifest together.
 func (l Layout) ArtifactManifest(id string) string {
@@ -74,6 +86,12 @@ func (l Layout) TenantsDir() string { return tenantsDir }
 // TenantLayer is the immutable config layer of a tenant at one revision.
 func (l Layout) TenantLayer(tenant, rev string) string {
 	return filepath.Join(tenantsDir, tenant, rev)
+}
+
+// LayerTree is the served part of a tenant layer; its record file sits
+// beside it.
+func (l Layout) LayerTree(tenant, rev string) string {
+	return filepath.Join(tenantsDir, tenant, rev, treeName)
 }
 
 // Host is the host-mode storage of a tenant (bind source).
@@ -130,4 +148,23 @@ func VolumeDirName(volumeID string) string {
 	}
 	sum := sha256.Sum256([]byte(volumeID))
 	return "h-" + hex.EncodeToString(sum[:16])
+}
+
+// ServedArtifact is the dir an artifact's overlays use as lowerdir: its
+// tree/, or the artifact dir itself for an artifact installed by a build
+// before tree/ existed (manifest at the root; GC replaces those in time).
+func ServedArtifact(fsys afero.Fs, l Layout, id string) string {
+	if fi, err := fsys.Stat(l.ArtifactTree(id)); err == nil && fi.IsDir() {
+		return l.ArtifactTree(id)
+	}
+	return l.Artifact(id)
+}
+
+// ServedLayer is the dir a tenant layer's overlays use as lowerdir (see
+// ServedArtifact).
+func ServedLayer(fsys afero.Fs, l Layout, tenant, rev string) string {
+	if fi, err := fsys.Stat(l.LayerTree(tenant, rev)); err == nil && fi.IsDir() {
+		return l.LayerTree(tenant, rev)
+	}
+	return l.TenantLayer(tenant, rev)
 }

@@ -11,6 +11,10 @@ import (
 	"github.com/spf13/afero"
 )
 
+// ManifestSchema is the schema this build writes: 2 = the files are in the
+// artifact's tree/ (1 = at the artifact dir's root, still read).
+const ManifestSchema = 2
+
 // ManifestHeader is the first line of an artifact manifest. Reconcile reads
 // only this line, so start-up does not parse thousands of file entries.
 type ManifestHeader struct {
@@ -66,7 +70,7 @@ func ReadManifestHeader(fs afero.Fs, path string) (ManifestHeader, error) {
 	if err := json.Unmarshal(line, &h); err != nil {
 		return h, fmt.Errorf("decode manifest header %s: %w", path, err)
 	}
-	if h.Schema != 1 || h.ArtifactID == "" {
+	if (h.Schema != 1 && h.Schema != ManifestSchema) || h.ArtifactID == "" {
 		return h, fmt.Errorf("manifest %s: unsupported schema %d or missing artifact id", path, h.Schema)
 	}
 	return h, nil

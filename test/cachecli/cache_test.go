@@ -122,7 +122,7 @@ func TestCacheCommands(t *testing.T) {
 
 	// A modified file is found, and the exit code says so.
 	layout, _ := storage.NewLayout(e.DataDir)
-	lib := filepath.Join(layout.Abs(layout.Artifact(id)), "agent/lib64/liboneagentproc.so")
+	lib := filepath.Join(layout.Abs(layout.ArtifactTree(id)), "agent/lib64/liboneagentproc.so")
 	if err := os.WriteFile(lib, []byte("tampered"), 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -63,6 +63,12 @@ func TestPublishServesAgentReadOnly(t *testing.T) {
 	if _, err := os.Stat(lib); err != nil {
 		t.Fatalf("agent library not visible at the target: %v", err)
 	}
+	// The driver's own record files stay out of what pods see.
+	for _, name := range harness.DirNames(t, target) {
+		if strings.HasPrefix(name, ".oneagent-csi") || name == "tree" {
+			t.Errorf("the pod's mount shows the driver's %s", name)
+		}
+	}
 	conf, err := os.ReadFile(filepath.Join(target, "agent/conf/ruxitagentproc.conf"))
 	if err != nil || !strings.Contains(string(conf), "tenantToken fake-tenant-token-1") {
 		t.Fatalf("tenant config not merged into the served conf: %v\n%s", err, conf)
