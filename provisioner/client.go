@@ -68,6 +68,10 @@ type ClientOptions struct {
 	BackoffMax time.Duration
 	// UserAgent is sent with every request. Default "oneagent-csi".
 	UserAgent string
+	// IdleTimeout aborts a download that receives no bytes for this long
+	// (the install retries it), so a stalled tenant cannot hold publishes
+	// until DownloadTimeout. Default 60s.
+	IdleTimeout time.Duration
 }
 
 func (o *ClientOptions) defaults() {
@@ -88,6 +92,9 @@ func (o *ClientOptions) defaults() {
 	}
 	if o.UserAgent == "" {
 		o.UserAgent = "oneagent-csi"
+	}
+	if o.IdleTimeout == 0 {
+		o.IdleTimeout = 60 * time.Second
 	}
 }
 
@@ -340,8 +347,10 @@ func (c *Client) ConnectionInfo(ctx context.Context) (ConnectionInfo, error) {
 
 // OpenAgentZip starts the download of a code module ZIP and returns its body
 // and length (-1 when unknown). Only reaching a 200 answer is retried; the
-// caller retries a body that breaks off.
+// caller retries a body that breaks off. A body that delivers no bytes for
+// IdleTimeout fails with an error wrapping ErrUnavailable.
 func (c *Client) OpenAgentZip(ctx context.Context, version, flavor, arch string) (io.ReadCloser, int64, error) {
+	ctx, cancel := context.WithCancelCause(ctx)
 	q := url.Values{}
 	q.Set("flavor", flavor)
 	q.Set("arch", arch)
@@ -350,9 +359,48 @@ func (c *Client) OpenAgentZip(ctx context.Context, version, flavor, arch string)
 	q.Set("skipMetadata", "true")
 	resp, err := c.do(ctx, RouteVersionPrefix+url.PathEscape(version), q)
 	if err != nil {
+		cancel(nil)
 		return nil, 0, err
 	}
-	return resp.Body, resp.ContentLength, nil
+	return newIdleBody(ctx, cancel, resp.Body, c.opts.IdleTimeout, c.tenant.Name), resp.ContentLength, nil
+}
+
+// errIdle is the cause of a download aborted for silence.
+var errIdle = errors.New("no bytes received")
+
+// idleBody cancels the request when a read brings no bytes for idle.
+type idleBody struct {
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	body   io.ReadCloser
+	idle   time.Duration
+	timer  *time.Timer
+	tenant string
+}
+
+func newIdleBody(ctx context.Context, cancel context.CancelCauseFunc, body io.ReadCloser, idle time.Duration, tenant string) *idleBody {
+	b := &idleBody{ctx: ctx, cancel: cancel, body: body, idle: idle, tenant: tenant}
+	b.timer = time.AfterFunc(idle, func() { cancel(errIdle) })
+	return b
+}
+
+func (b *idleBody) Read(p []byte) (int, error) {
+	n, err := b.body.Read(p)
+	if n > 0 {
+		b.timer.Reset(b.idle)
+	}
+	if err != nil && errors.Is(context.Cause(b.ctx), errIdle) {
+		//nolint:errorlint // the transport's error is text only; ErrUnavailable classifies
+		return n, fmt.Errorf("tenant %q: download stalled, %v for %v: %w", b.tenant, errIdle, b.idle, ErrUnavailable)
+	}
+	return n, err
+}
+
+func (b *idleBody) Close() error {
+	b.timer.Stop()
+	err := b.body.Close()
+	b.cancel(nil)
+	return err
 }
 
 // IsPermanent reports whether err will not go away by retrying soon.

@@ -458,11 +458,8 @@ func (p *Provisioner) currentVersion(tenant string) string {
 	if v := c.Tenant().Version; v != "latest" {
 		return v
 	}
-	p.mu.Lock()
-	cached, ok := p.latest[tenant]
-	p.mu.Unlock()
-	if ok {
-		return cached.version
+	if v, _, ok := p.latest.peek(tenant); ok {
+		return v
 	}
 	if r, err := p.opts.Index.GetResolution(tenant); err == nil {
 		return r.Version

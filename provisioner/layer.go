@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/spf13/afero"
-	"golang.org/x/sync/singleflight"
 	"k8s.io/klog/v2"
 
 	"github.com/oneagent-csi/oneagent-csi/storage"
@@ -24,39 +23,13 @@ import (
 // ruxitConfPath is the file of a code module the tenant layer overrides.
 const ruxitConfPath = "agent/conf/ruxitagentproc.conf"
 
-// processModuleConfig returns the tenant's processmoduleconfig, cached for
-// ConfigTTL; when the tenant cannot be asked, a stale copy is used.
+// processModuleConfig returns the tenant's processmoduleconfig, fresh for
+// ConfigTTL and then stale-while-revalidate (see staleCache).
 func (p *Provisioner) processModuleConfig(ctx context.Context, c *Client) (ProcessModuleConfig, error) {
-	tenant := c.Tenant().Name
-	now := p.opts.Now()
-	p.mu.Lock()
-	cached, ok := p.configs[tenant]
-	p.mu.Unlock()
-	if ok && now.Sub(cached.at) < p.opts.ConfigTTL {
-		return cached.pmc, nil
+	pmc, _, err := p.configs.get(ctx, c.Tenant().Name, 2*time.Minute, c.ProcessModuleConfig)
+	if err != nil {
+		return pmc, fmt.Errorf("tenant %q: processmoduleconfig: %w", c.Tenant().Name, err)
 	}
-	ch := p.group.DoChan("pmc/"+tenant, func() (any, error) {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
-		defer cancel()
-		return c.ProcessModuleConfig(cctx)
-	})
-	var res singleflight.Result
-	select {
-	case res = <-ch:
-	case <-ctx.Done():
-		res.Err = fmt.Errorf("tenant %q: processmoduleconfig: %w", tenant, ctx.Err())
-	}
-	if res.Err != nil {
-		if ok {
-			klog.FromContext(ctx).Info("using the last processmoduleconfig, tenant did not answer", "tenant", tenant, "err", res.Err)
-			return cached.pmc, nil
-		}
-		return ProcessModuleConfig{}, res.Err
-	}
-	pmc := res.Val.(ProcessModuleConfig)
-	p.mu.Lock()
-	p.configs[tenant] = cachedConfig{pmc: pmc, at: now}
-	p.mu.Unlock()
 	return pmc, nil
 }
 
@@ -84,6 +57,14 @@ func (p *Provisioner) EnsureLayer(ctx context.Context, tenant string, a storage.
 	c, err := p.client(tenant)
 	if err != nil {
 		return storage.TenantLayer{}, err
+	}
+	if _, _, known := p.configs.peek(tenant); !known {
+		// Nothing asked since start-up: a layer from before serves at once
+		// while the config is fetched in the background.
+		if lay, ok := p.newestLayer(tenant, a.ID); ok {
+			p.configs.kick(ctx, tenant, 2*time.Minute, c.ProcessModuleConfig)
+			return lay, nil
+		}
 	}
 	pmc, err := p.processModuleConfig(ctx, c)
 	if err != nil {

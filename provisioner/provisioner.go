@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,6 +51,14 @@ type Options struct {
 	LatestTTL time.Duration
 	// ConfigTTL is how long a tenant's processmoduleconfig is reused. Default 5m.
 	ConfigTTL time.Duration
+	// RefusalBackoff is how long a version whose archive was refused (unsafe,
+	// corrupt) is not downloaded again; it doubles per refusal of the same
+	// archive, up to an hour. Default 1m.
+	RefusalBackoff time.Duration
+	// RefreshBackoff is the first wait before a failed background refresh of
+	// latest or the processmoduleconfig is tried again; it doubles up to the
+	// TTL. Default 10s.
+	RefreshBackoff time.Duration
 	// Limits bound extraction (see Limits for defaults).
 	Limits Limits
 	// ExtractWorkers is the number of files extracted in parallel. Default GOMAXPROCS.
@@ -83,6 +90,12 @@ func (o *Options) defaults() {
 	if o.ConfigTTL == 0 {
 		o.ConfigTTL = 5 * time.Minute
 	}
+	if o.RefusalBackoff == 0 {
+		o.RefusalBackoff = time.Minute
+	}
+	if o.RefreshBackoff == 0 {
+		o.RefreshBackoff = 10 * time.Second
+	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
@@ -110,21 +123,11 @@ type Provisioner struct {
 	group   singleflight.Group
 	metrics *metrics
 
-	mu      sync.Mutex
-	latest  map[string]cachedVersion
-	configs map[string]cachedConfig
+	latest  *staleCache[string]
+	configs *staleCache[ProcessModuleConfig]
+	refused refusals
 
 	gc gcState
-}
-
-type cachedVersion struct {
-	version string
-	at      time.Time
-}
-
-type cachedConfig struct {
-	pmc ProcessModuleConfig
-	at  time.Time
 }
 
 // New validates the options and builds a Provisioner.
@@ -133,8 +136,10 @@ func New(opts Options) (*Provisioner, error) {
 	if opts.Index == nil {
 		return nil, errors.New("provisioner: Index is required")
 	}
-	p := &Provisioner{opts: opts, clients: map[string]*Client{}, latest: map[string]cachedVersion{},
-		configs: map[string]cachedConfig{}, metrics: newMetrics(opts.Registerer),
+	p := &Provisioner{opts: opts, clients: map[string]*Client{},
+		latest:  newStaleCache[string](opts.LatestTTL, opts.RefreshBackoff, opts.Now),
+		configs: newStaleCache[ProcessModuleConfig](opts.ConfigTTL, opts.RefreshBackoff, opts.Now),
+		metrics: newMetrics(opts.Registerer),
 		gc: gcState{leases: map[string]time.Time{}, poke: make(chan struct{}, 1)}}
 	for i, t := range opts.Tenants {
 		if !api.ValidTenantName(t.Name) {
@@ -238,9 +243,12 @@ func (p *Provisioner) Prepare(ctx context.Context, tenant, pin string) (Prepared
 }
 
 // ResolveVersion returns pin if it is a version, the tenant's pinned version,
-// or the tenant's latest version (cached for LatestTTL; on a tenant error the
-// last known resolution is used, so a tenant outage does not stop pods that
-// can be served from the cache).
+// or the tenant's latest version. A resolution of latest is reused for
+// LatestTTL; after that the last known one (in memory, else from the index)
+// is returned at once while one background request refreshes it
+// (stale-while-revalidate, with backoff after failures), so a slow or
+// unreachable tenant costs a publish nothing once latest was known. Only a
+// tenant never resolved on this node is waited for.
 func (p *Provisioner) ResolveVersion(ctx context.Context, tenant, pin string) (string, error) {
 	c, err := p.client(tenant)
 	if err != nil {
@@ -252,45 +260,37 @@ func (p *Provisioner) ResolveVersion(ctx context.Context, tenant, pin string) (s
 	if v := c.Tenant().Version; v != "latest" {
 		return v, nil
 	}
-	now := p.opts.Now()
-	p.mu.Lock()
-	cached, ok := p.latest[tenant]
-	p.mu.Unlock()
-	if ok && now.Sub(cached.at) < p.opts.LatestTTL {
-		return cached.version, nil
-	}
-	ch := p.group.DoChan("latest/"+tenant, func() (any, error) {
-		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
-		defer cancel()
-		return c.LatestVersion(lctx)
-	})
-	var res singleflight.Result
-	select {
-	case res = <-ch:
-	case <-ctx.Done():
-		res.Err = fmt.Errorf("tenant %q: resolving latest version: %w", tenant, ctx.Err())
-	}
-	if res.Err != nil {
-		if ok {
-			klog.FromContext(ctx).Info("using the last known latest version, tenant did not answer", "tenant", tenant, "version", cached.version, "err", res.Err)
-			return cached.version, nil
-		}
+	if _, _, ok := p.latest.peek(tenant); !ok {
 		if r, ierr := p.opts.Index.GetResolution(tenant); ierr == nil {
-			klog.FromContext(ctx).Info("using the recorded latest version, tenant did not answer", "tenant", tenant, "version", r.Version, "err", res.Err)
-			return r.Version, nil
+			// Known from before a restart: serve it, refresh at once.
+			p.latest.seed(tenant, r.Version, time.Time{})
 		}
-		return "", res.Err
 	}
-	v := res.Val.(string)
+	v, stale, err := p.latest.get(ctx, tenant, 2*time.Minute, func(ctx context.Context) (string, error) {
+		return p.fetchLatest(ctx, c)
+	})
+	if err != nil {
+		return "", fmt.Errorf("tenant %q: resolving latest version: %w", tenant, err)
+	}
+	if stale {
+		klog.FromContext(ctx).V(2).Info("serving the last known latest version while it is refreshed", "tenant", tenant, "version", v)
+	}
+	return v, nil
+}
+
+// fetchLatest asks the tenant for its latest version and records a change.
+func (p *Provisioner) fetchLatest(ctx context.Context, c *Client) (string, error) {
+	tenant := c.Tenant().Name
+	v, err := c.LatestVersion(ctx)
+	if err != nil {
+		return "", err
+	}
 	if !api.ValidVersion(v) {
 		return "", fmt.Errorf("tenant %q: latest version %q is not a version", tenant, v)
 	}
-	p.mu.Lock()
-	prev := p.latest[tenant]
-	p.latest[tenant] = cachedVersion{version: v, at: now}
-	p.mu.Unlock()
-	if prev.version != v {
-		if err := p.opts.Index.PutResolution(storage.Resolution{Tenant: tenant, Version: v, ResolvedAt: now}); err != nil {
+	if prev, _, _ := p.latest.peek(tenant); prev != v {
+		klog.FromContext(ctx).Info("latest version resolved", "tenant", tenant, "version", v, "previous", prev)
+		if err := p.opts.Index.PutResolution(storage.Resolution{Tenant: tenant, Version: v, ResolvedAt: p.opts.Now()}); err != nil {
 			klog.FromContext(ctx).Error(err, "recording latest version", "tenant", tenant)
 		}
 	}
@@ -333,6 +333,9 @@ func (p *Provisioner) EnsureArtifact(ctx context.Context, tenant, version string
 		return storage.Artifact{}, err
 	}
 	key := p.artifactKey(c, version)
+	if err := p.refused.check(tenant, key, p.opts.Now()); err != nil {
+		return storage.Artifact{}, err
+	}
 	if a, err := p.cached(key); err == nil {
 		// Last-used needs minute precision (for GC); skipping the write keeps
 		// the publish hot path free of an index commit.
@@ -374,8 +377,13 @@ func (p *Provisioner) install(ctx context.Context, c *Client, key storage.Artifa
 			return a, nil
 		}
 		lastErr = err
-		p.metrics.downloads.WithLabelValues(failureCause(err)).Inc()
-		if IsPermanent(err) || ctx.Err() != nil || attempt == p.opts.DownloadAttempts {
+		var again *refusedAgain
+		if !errors.As(err, &again) {
+			p.metrics.downloads.WithLabelValues(failureCause(err)).Inc()
+		}
+		// A refused archive comes back the same on a retry: it is
+		// remembered instead (see refusals).
+		if IsPermanent(err) || errors.Is(err, ErrBadArchive) || ctx.Err() != nil || attempt == p.opts.DownloadAttempts {
 			break
 		}
 		wait := Backoff(c.opts.BackoffBase, c.opts.BackoffMax, attempt)
@@ -433,6 +441,9 @@ func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.Ar
 	dlTime := p.opts.Now().Sub(dlStart)
 	id := hex.EncodeToString(digest)
 	p.metrics.downloadBytes.Add(float64(zipSize))
+	if err := p.refused.sameArchive(c.Tenant().Name, key, id, p.opts.Now(), p.opts.RefusalBackoff); err != nil {
+		return storage.Artifact{}, err
+	}
 
 	if h, err := storage.ReadManifestHeader(fs, l.ArtifactManifest(id)); err == nil && h.ArtifactID == id {
 		// Same ZIP already installed under another key (e.g. another flavor alias).
@@ -447,7 +458,12 @@ func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.Ar
 	}
 	ex, err := Extract(ctx, fs, zipPath, filepath.Join(stagePath, l.TreeName()), p.opts.Limits, p.opts.ExtractWorkers)
 	if err != nil {
-		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: %w", c.Tenant().Name, key.Version, err)
+		err = fmt.Errorf("tenant %q version %s: %w", c.Tenant().Name, key.Version, err)
+		if errors.Is(err, ErrBadArchive) {
+			until := p.refused.remember(c.Tenant().Name, key, id, err, p.opts.Now(), p.opts.RefusalBackoff)
+			log.Error(err, "archive refused; the version is not downloaded again before", "until", until.Format(time.RFC3339), "sha256", id)
+		}
+		return storage.Artifact{}, err
 	}
 	_ = fs.Remove(zipPath) // free the space before the tree is renamed in
 	now := p.opts.Now()
@@ -519,7 +535,8 @@ func (p *Provisioner) download(ctx context.Context, c *Client, key storage.Artif
 		return n, nil, fmt.Errorf("tenant %q version %s: download broke off after %d bytes: %w: %v", c.Tenant().Name, key.Version, n, ErrUnavailable, err)
 	}
 	if total >= 0 && n != total {
-		return n, nil, fmt.Errorf("tenant %q version %s: download has %d of %d bytes: %w", c.Tenant().Name, key.Version, n, total, ErrBadArchive)
+		// A broken transfer, not a bad archive: retried at once.
+		return n, nil, fmt.Errorf("tenant %q version %s: download has %d of %d bytes: %w", c.Tenant().Name, key.Version, n, total, ErrUnavailable)
 	}
 	return n, h.Sum(nil), nil
 }

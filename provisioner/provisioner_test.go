@@ -3,6 +3,8 @@ package provisioner_test
 import (
 	"context"
 	"errors"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"os"
 	"path/filepath"
 	"strings"
@@ -87,15 +89,22 @@ func TestPrepareInstallsArtifactAndLayer(t *testing.T) {
 	if n := f.srv.Downloads(prep.Version); n != 1 {
 		t.Errorf("downloads = %d, want 1", n)
 	}
-	// A new processmoduleconfig revision gives a new, separate layer.
+	// A new processmoduleconfig revision gives a new, separate layer. After
+	// a restart the existing layer serves at once while the config is
+	// fetched in the background; the next publishes get the new layer.
 	f.srv.SetRevision(2)
 	p2 := newProvisionerSameDir(t, f)
-	prep2, err := p2.Prepare(context.Background(), "prod", "")
-	if err != nil {
-		t.Fatal(err)
+	first, err := p2.Prepare(context.Background(), "prod", "")
+	if err != nil || first.Layer.Rev != prep.Layer.Rev {
+		t.Fatalf("first Prepare after restart: layer %s, %v; want the existing %s at once", first.Layer.Rev, err, prep.Layer.Rev)
 	}
-	if prep2.Layer.Rev == prep.Layer.Rev || prep2.Artifact.ID != prep.Artifact.ID {
-		t.Errorf("revision 2 gave layer %s (was %s), artifact %s", prep2.Layer.Rev, prep.Layer.Rev, prep2.Artifact.ID)
+	var prep2 provisioner.Prepared
+	harness.Eventually(t, 10*time.Second, "the layer of revision 2", func() bool {
+		prep2, err = p2.Prepare(context.Background(), "prod", "")
+		return err == nil && prep2.Layer.Rev != prep.Layer.Rev
+	})
+	if prep2.Artifact.ID != prep.Artifact.ID {
+		t.Errorf("revision 2 gave artifact %s, want %s", prep2.Artifact.ID, prep.Artifact.ID)
 	}
 }
 
@@ -156,7 +165,7 @@ func TestConcurrentCallersShareOneDownload(t *testing.T) {
 }
 
 func TestInstallRetriesBrokenDownloads(t *testing.T) {
-	for _, kind := range []faketenant.FaultKind{faketenant.FaultTruncate, faketenant.FaultCorrupt, faketenant.FaultStatus} {
+	for _, kind := range []faketenant.FaultKind{faketenant.FaultTruncate, faketenant.FaultStatus} {
 		t.Run(string(kind), func(t *testing.T) {
 			f := newFixture(t, nil)
 			f.srv.SetFaults(faketenant.Fault{Kind: kind, Route: faketenant.RouteDownload, Count: 1})
@@ -175,6 +184,83 @@ func TestInstallRetriesBrokenDownloads(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A refused archive is remembered: later calls do not download it again
+// until the backoff passes, it counts once as bad_archive, the same bytes
+// downloaded again are not extracted again, and good bytes are installed.
+func TestRefusedArchiveIsRemembered(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	now := time.Unix(1_800_000_000, 0)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	f := newFixture(t, func(o *provisioner.Options) { o.Registerer = reg; o.Now = clock })
+	f.srv.SetFaults(faketenant.Fault{Kind: faketenant.FaultCorrupt, Route: faketenant.RouteDownload})
+	version := f.srv.Latest()
+	badArchives := func() float64 {
+		return testutil.ToFloat64(counterVec(t, reg, "oneagent_csi_downloads_total").WithLabelValues("bad_archive"))
+	}
+	for i := range 5 {
+		if _, err := f.prov.EnsureArtifact(context.Background(), "prod", version); !errors.Is(err, provisioner.ErrBadArchive) {
+			t.Fatalf("call %d: %v, want a bad archive", i, err)
+		}
+	}
+	if n := f.srv.Requests(faketenant.RouteDownload); n != 1 {
+		t.Fatalf("%d downloads for 5 calls, want 1 (the refusal is remembered)", n)
+	}
+	if got := badArchives(); got != 1 {
+		t.Fatalf("bad_archive counted %v times, want 1", got)
+	}
+	// After the backoff the same bytes come again: refused without
+	// extraction, not counted again, backoff doubled.
+	advance(61 * time.Second)
+	if _, err := f.prov.EnsureArtifact(context.Background(), "prod", version); !errors.Is(err, provisioner.ErrBadArchive) {
+		t.Fatalf("after the backoff: %v, want the same refusal", err)
+	}
+	if n, got := f.srv.Requests(faketenant.RouteDownload), badArchives(); n != 2 || got != 1 {
+		t.Fatalf("downloads %d (want 2), bad_archive %v (want 1)", n, got)
+	}
+	advance(61 * time.Second)
+	if _, err := f.prov.EnsureArtifact(context.Background(), "prod", version); !errors.Is(err, provisioner.ErrBadArchive) {
+		t.Fatalf("inside the doubled backoff: %v, want the refusal", err)
+	}
+	if n := f.srv.Requests(faketenant.RouteDownload); n != 2 {
+		t.Fatalf("downloaded inside the doubled backoff: %d requests", n)
+	}
+	// The tenant fixes its archive.
+	f.srv.SetFaults()
+	advance(2 * time.Minute)
+	if _, err := f.prov.EnsureArtifact(context.Background(), "prod", version); err != nil {
+		t.Fatalf("good archive after the backoff: %v", err)
+	}
+	if got := tmpEntries(t, f.layout); len(got) != 0 {
+		t.Errorf("tmp/ not clean: %v", got)
+	}
+}
+
+func counterVec(t *testing.T, reg *prometheus.Registry, name string) *prometheus.CounterVec {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			// Re-registering returns the existing collector.
+			c := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: mf.GetHelp()}, []string{"result"})
+			if err := reg.Register(c); err != nil {
+				var are prometheus.AlreadyRegisteredError
+				if errors.As(err, &are) {
+					return are.ExistingCollector.(*prometheus.CounterVec)
+				}
+				t.Fatal(err)
+			}
+			return c
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return nil
 }
 
 func TestPermanentErrorsSurface(t *testing.T) {

@@ -99,6 +99,7 @@ type ClientConfig struct {
 	Attempts       int      `json:"attempts,omitempty"`
 	BackoffBase    Duration `json:"backoffBase,omitzero"`
 	BackoffMax     Duration `json:"backoffMax,omitzero"`
+	IdleTimeout    Duration `json:"idleTimeout,omitzero"`
 }
 
 // Defaults of the node config.

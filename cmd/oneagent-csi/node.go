@@ -97,7 +97,8 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 		GC: provisioner.GCOptions{KeepPrevious: cfg.Cache.KeepPrevious, MaxBytes: int64(cfg.Cache.MaxBytes),
 			Interval: cfg.Cache.GCInterval.Duration, OrphanGrace: cfg.Cache.OrphanGrace.Duration},
 		Client: provisioner.ClientOptions{RequestTimeout: cfg.Client.RequestTimeout.Duration, ConnectTimeout: cfg.Client.ConnectTimeout.Duration,
-			Attempts: cfg.Client.Attempts, BackoffBase: cfg.Client.BackoffBase.Duration, BackoffMax: cfg.Client.BackoffMax.Duration},
+			Attempts: cfg.Client.Attempts, BackoffBase: cfg.Client.BackoffBase.Duration, BackoffMax: cfg.Client.BackoffMax.Duration,
+			IdleTimeout: cfg.Client.IdleTimeout.Duration},
 	})
 	if err != nil {
 		return fmt.Errorf("config: %w", err)

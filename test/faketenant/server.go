@@ -6,6 +6,7 @@
 package faketenant
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -49,6 +50,10 @@ const (
 	FaultCorrupt FaultKind = "corrupt"
 	// FaultSlow sends a download at Fault.Rate bytes per second.
 	FaultSlow FaultKind = "slow"
+	// FaultStallBody sends the headers and half the body of a download, then
+	// nothing until the client gives up or Fault.Stall passes (default an
+	// hour), then breaks the connection.
+	FaultStallBody FaultKind = "stall-body"
 )
 
 // Fault makes the next Count requests to Route (all routes when empty)
@@ -388,6 +393,13 @@ func (s *Server) serveDownload(w http.ResponseWriter, r *http.Request, version s
 	if fault != nil && fault.Kind == FaultSlow {
 		body = &slowReader{r: body, rate: max(fault.Rate, 1024), ctx: r.Context()}
 	}
+	if fault != nil && fault.Kind == FaultStallBody {
+		d := fault.Stall
+		if d == 0 {
+			d = time.Hour
+		}
+		body = io.MultiReader(io.LimitReader(f, size/2), &stallReader{w: w, ctx: r.Context(), d: d})
+	}
 	n, err := io.Copy(w, body)
 	if err == nil && n == size {
 		s.mu.Lock()
@@ -446,4 +458,25 @@ func (s *slowReader) Read(p []byte) (int, error) {
 	case <-t.C:
 	}
 	return s.r.Read(p)
+}
+
+// stallReader flushes what was written, then blocks until ctx ends or d
+// passes, then reports the end of the data.
+type stallReader struct {
+	w   http.ResponseWriter
+	ctx context.Context
+	d   time.Duration
+}
+
+func (s *stallReader) Read([]byte) (int, error) {
+	if f, ok := s.w.(http.Flusher); ok {
+		f.Flush()
+	}
+	t := time.NewTimer(s.d)
+	defer t.Stop()
+	select {
+	case <-s.ctx.Done():
+	case <-t.C:
+	}
+	return 0, io.EOF
 }
