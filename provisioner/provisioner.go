@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -126,6 +127,8 @@ type Provisioner struct {
 	latest  *staleCache[string]
 	configs *staleCache[ProcessModuleConfig]
 	refused refusals
+	// background holds the artifact keys installing in the background.
+	background sync.Map
 
 	gc gcState
 }
@@ -214,11 +217,23 @@ type Prepared struct {
 // configured version), makes the artifact and the tenant layer present and
 // returns them. It waits for a running download only until ctx ends and then
 // returns an error wrapping ErrInProgress; the download goes on.
+//
+// A volume that follows the tenant's latest never waits for a new latest
+// while an older version is installed: it gets the newest installed version
+// not newer than latest, and latest is installed in the background; volumes
+// get latest once its install completes.
 func (p *Provisioner) Prepare(ctx context.Context, tenant, pin string) (Prepared, error) {
+	return p.prepare(ctx, tenant, pin, false)
+}
+
+func (p *Provisioner) prepare(ctx context.Context, tenant, pin string, waitForLatest bool) (Prepared, error) {
 	out := Prepared{Tenant: tenant}
 	v, err := p.ResolveVersion(ctx, tenant, pin)
 	if err != nil {
 		return out, err
+	}
+	if c, _ := p.client(tenant); !waitForLatest && (pin == "" || pin == "latest") && c.Tenant().Version == "latest" {
+		v = p.installedOrNewest(ctx, c, v)
 	}
 	out.Version = v
 	// GC may delete the artifact between the index lookup and the lease
@@ -295,6 +310,48 @@ func (p *Provisioner) fetchLatest(ctx context.Context, c *Client) (string, error
 		}
 	}
 	return v, nil
+}
+
+// installedOrNewest returns latest when it is installed; otherwise, when an
+// older version of the tenant's flavor is installed, it starts installing
+// latest in the background and returns the newest installed version.
+func (p *Provisioner) installedOrNewest(ctx context.Context, c *Client, latest string) string {
+	key := p.artifactKey(c, latest)
+	if _, err := p.cached(key); err == nil {
+		return latest
+	}
+	arts, err := p.opts.Index.ListArtifacts()
+	if err != nil {
+		return latest
+	}
+	var best storage.Artifact
+	for _, a := range arts {
+		if a.State != storage.ArtifactReady || a.Flavor != key.Flavor || a.Arch != key.Arch || CompareVersions(a.Version, latest) >= 0 {
+			continue
+		}
+		if best.ID == "" || CompareVersions(a.Version, best.Version) > 0 {
+			if _, err := p.cached(p.artifactKey(c, a.Version)); err == nil {
+				best = a
+			}
+		}
+	}
+	if best.ID == "" {
+		return latest // nothing to serve meanwhile: wait for it
+	}
+	tenant := c.Tenant().Name
+	if _, running := p.background.LoadOrStore(key.String(), struct{}{}); !running {
+		log := klog.FromContext(ctx).WithValues("tenant", tenant, "version", latest)
+		log.Info("new latest version: installing it in the background, volumes get the installed version meanwhile", "serving", best.Version)
+		go func() {
+			defer p.background.Delete(key.String())
+			ictx, cancel := context.WithTimeout(klog.NewContext(context.Background(), log), p.opts.DownloadTimeout)
+			defer cancel()
+			if _, err := p.EnsureArtifact(ictx, tenant, latest); err != nil {
+				log.Error(err, "background install of the latest version failed; volumes keep the installed version", "serving", best.Version)
+			}
+		}()
+	}
+	return best.Version
 }
 
 // artifactKey is what a tenant's version maps to on disk.

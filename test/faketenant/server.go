@@ -76,6 +76,8 @@ type Options struct {
 	Versions []string
 	// ModuleSize is the approximate ZIP size. Default 256 KiB.
 	ModuleSize int64
+	// VersionSizes overrides ModuleSize for some versions.
+	VersionSizes map[string]int64
 	// ExtraFiles are added to every module (e.g. a real liboneagentproc.so).
 	ExtraFiles map[string][]byte
 	// CacheDir keeps generated modules between runs (keyed by spec). Default: a
@@ -214,6 +216,9 @@ func (s *Server) ProcessModuleConfig() map[string]any {
 // ModulePath generates (once) and returns the file of a version's ZIP.
 func (s *Server) ModulePath(version string) (string, error) {
 	spec := ModuleSpec{Version: version, Size: s.opts.ModuleSize, ExtraFiles: s.opts.ExtraFiles}
+	if size, ok := s.opts.VersionSizes[version]; ok {
+		spec.Size = size
+	}
 	key := specKey(spec)
 	s.generateMux.Lock()
 	defer s.generateMux.Unlock()
@@ -440,24 +445,33 @@ func writeJSON(w http.ResponseWriter, v any) {
 
 // slowReader paces reads to rate bytes per second.
 type slowReader struct {
-	r    io.Reader
-	rate int64
-	ctx  interface{ Done() <-chan struct{} }
+	r     io.Reader
+	rate  int64
+	ctx   interface{ Done() <-chan struct{} }
+	start time.Time
+	sent  int64
 }
 
+// Read keeps the bytes sent at most rate per second since the first read,
+// whatever buffer size the caller uses.
 func (s *slowReader) Read(p []byte) (int, error) {
-	chunk := max(s.rate/10, 1)
-	if int64(len(p)) > chunk {
-		p = p[:chunk]
+	if s.start.IsZero() {
+		s.start = time.Now()
 	}
-	t := time.NewTimer(100 * time.Millisecond)
-	defer t.Stop()
-	select {
-	case <-s.ctx.Done():
-		return 0, io.ErrUnexpectedEOF
-	case <-t.C:
+	p = p[:min(int64(len(p)), max(s.rate/10, 1))]
+	due := s.start.Add(time.Duration(float64(s.sent+int64(len(p))) / float64(s.rate) * float64(time.Second)))
+	if wait := time.Until(due); wait > 0 {
+		t := time.NewTimer(wait)
+		defer t.Stop()
+		select {
+		case <-s.ctx.Done():
+			return 0, io.ErrUnexpectedEOF
+		case <-t.C:
+		}
 	}
-	return s.r.Read(p)
+	n, err := s.r.Read(p)
+	s.sent += int64(n)
+	return n, err
 }
 
 // stallReader flushes what was written, then blocks until ctx ends or d
