@@ -100,6 +100,13 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, limits
 	if err != nil {
 		return out, err
 	}
+	dir, err := readZipDirectory(zf, st.Size())
+	if err != nil {
+		return out, err
+	}
+	if err := checkZipDirectory(dir, limits); err != nil {
+		return out, err
+	}
 	zr, err := zip.NewReader(zf, st.Size())
 	if err != nil {
 		return out, badArchive("%v", err)
@@ -408,6 +415,16 @@ func readLink(f *zip.File) (string, error) {
 	return string(b), nil
 }
 
+// Buffer sizes of one extraction worker.
+const (
+	workerReadBuffer  = 256 << 10
+	workerWriteBuffer = 256 << 10
+	workerCopyBuffer  = 64 << 10
+	// WorkerMemory is what one extraction worker holds: its buffers and
+	// its inflater's window and tables.
+	WorkerMemory = workerReadBuffer + workerWriteBuffer + workerCopyBuffer + 64<<10
+)
+
 // fileExtractor extracts one file at a time and keeps its buffers and
 // decompressor between files: a code module has ~15,000 of them.
 type fileExtractor struct {
@@ -429,8 +446,8 @@ type fileExtractor struct {
 
 func newFileExtractor(fsys afero.Fs, destDir string, total *atomic.Int64, maxBytes int64, closer *closeQueue) *fileExtractor {
 	x := &fileExtractor{fsys: fsys, destDir: destDir, total: total, maxBytes: maxBytes, closer: closer,
-		in: bufio.NewReaderSize(nil, 256<<10), out: bufio.NewWriterSize(nil, 256<<10),
-		sha: sha256.New(), crc: crc32.NewIEEE(), copyBuf: make([]byte, 64<<10)}
+		in: bufio.NewReaderSize(nil, workerReadBuffer), out: bufio.NewWriterSize(nil, workerWriteBuffer),
+		sha: sha256.New(), crc: crc32.NewIEEE(), copyBuf: make([]byte, workerCopyBuffer)}
 	x.checksum = io.MultiWriter(x.sha, x.crc)
 	return x
 }

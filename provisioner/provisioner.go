@@ -62,8 +62,14 @@ type Options struct {
 	RefreshBackoff time.Duration
 	// Limits bound extraction (see Limits for defaults).
 	Limits Limits
-	// ExtractWorkers is the number of files extracted in parallel. Default GOMAXPROCS.
+	// ExtractWorkers is the number of files extracted in parallel. Default:
+	// as many as ExtractMemory holds, at least 1 and at most GOMAXPROCS.
 	ExtractWorkers int
+	// ExtractMemory is the memory the extraction workers' buffers may take
+	// (each worker holds about WorkerMemory); it sizes the worker pool
+	// where ExtractWorkers is not set, so a 64-core node does not take 64
+	// workers' buffers. Default 8 MiB.
+	ExtractMemory int64
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// Registerer receives the provisioner's metrics. Default: none.
@@ -100,8 +106,20 @@ func (o *Options) defaults() {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.ExtractMemory == 0 {
+		o.ExtractMemory = 8 << 20
+	}
+	if o.ExtractWorkers == 0 {
+		o.ExtractWorkers = WorkersFor(o.ExtractMemory)
+	}
 	o.Limits.defaults()
 	o.GC.defaults()
+}
+
+// WorkersFor is the number of extraction workers whose buffers fit in
+// memory bytes: at least 1, at most GOMAXPROCS.
+func WorkersFor(memory int64) int {
+	return int(max(1, min(memory/WorkerMemory, int64(runtime.GOMAXPROCS(0)))))
 }
 
 // DefaultArch maps GOARCH to the tenant API's arch parameter.
@@ -143,7 +161,7 @@ func New(opts Options) (*Provisioner, error) {
 		latest:  newStaleCache[string](opts.LatestTTL, opts.RefreshBackoff, opts.Now),
 		configs: newStaleCache[ProcessModuleConfig](opts.ConfigTTL, opts.RefreshBackoff, opts.Now),
 		metrics: newMetrics(opts.Registerer),
-		gc: gcState{leases: map[string]time.Time{}, poke: make(chan struct{}, 1)}}
+		gc:      gcState{leases: map[string]time.Time{}, poke: make(chan struct{}, 1)}}
 	for i, t := range opts.Tenants {
 		if !api.ValidTenantName(t.Name) {
 			return nil, fmt.Errorf("tenants[%d].name %q: must be a DNS-1035 label", i, t.Name)

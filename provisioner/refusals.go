@@ -90,4 +90,3 @@ func backoffFor(times int, base time.Duration) time.Duration {
 	}
 	return min(d, maxRefusalBackoff)
 }
-

@@ -52,6 +52,7 @@ type NodeConfig struct {
 	PrefetchInterval Duration               `json:"prefetchInterval,omitzero"`
 	Prefetch         *bool                  `json:"prefetch,omitempty"`
 	ExtractWorkers   int                    `json:"extractWorkers,omitempty"`
+	ExtractMemory    Bytes                  `json:"extractMemory,omitempty"`
 	Limits           provisioner.Limits     `json:"limits,omitzero"`
 	Client           ClientConfig           `json:"client,omitzero"`
 	HostAllow        []driver.HostAllowRule `json:"hostAllow,omitempty"`
@@ -177,6 +178,10 @@ func (c *NodeConfig) validate() error {
 		return fmt.Errorf("csiSocket %q: must be an absolute path", c.CSISocket)
 	case c.AdminSocket != "-" && !filepath.IsAbs(c.AdminSocket):
 		return fmt.Errorf("adminSocket %q: must be an absolute path (or \"-\" for none)", c.AdminSocket)
+	case c.ExtractWorkers < 0:
+		return fmt.Errorf("extractWorkers %d: must not be negative", c.ExtractWorkers)
+	case c.ExtractMemory < 0:
+		return fmt.Errorf("extractMemory %d: must not be negative", c.ExtractMemory)
 	case c.Cache.MaxBytes < 0:
 		return fmt.Errorf("cache.maxBytes %d: must not be negative", c.Cache.MaxBytes)
 	case c.Cache.GCInterval.Duration < 0, c.Cache.OrphanGrace.Duration < 0:

@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -19,6 +21,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/oneagent-csi/oneagent-csi/driver"
+	"github.com/oneagent-csi/oneagent-csi/internal/memlimit"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
@@ -76,6 +79,7 @@ func mergeFlags(cmd *cobra.Command, cfg *NodeConfig, o NodeConfig) {
 
 func runNode(ctx context.Context, cfg NodeConfig) error {
 	log := klog.FromContext(ctx)
+	extractMemory := applyMemoryLimit(log, int64(cfg.ExtractMemory), cfg.ExtractWorkers)
 	layout, err := storage.NewLayout(cfg.DataDir)
 	if err != nil {
 		return err
@@ -93,7 +97,7 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	prov, err := provisioner.New(provisioner.Options{
 		Layout: layout, Index: idx, Tenants: cfg.Tenants, DownloadTimeout: cfg.DownloadTimeout.Duration,
-		LatestTTL: cfg.LatestTTL.Duration, Limits: cfg.Limits, ExtractWorkers: cfg.ExtractWorkers, Registerer: reg,
+		LatestTTL: cfg.LatestTTL.Duration, Limits: cfg.Limits, ExtractWorkers: cfg.ExtractWorkers, ExtractMemory: extractMemory, Registerer: reg,
 		GC: provisioner.GCOptions{KeepPrevious: cfg.Cache.KeepPrevious, MaxBytes: int64(cfg.Cache.MaxBytes),
 			Interval: cfg.Cache.GCInterval.Duration, OrphanGrace: cfg.Cache.OrphanGrace.Duration},
 		Client: provisioner.ClientOptions{RequestTimeout: cfg.Client.RequestTimeout.Duration, ConnectTimeout: cfg.Client.ConnectTimeout.Duration,
@@ -175,6 +179,33 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	err = g.Wait()
 	log.Info("stopped", "err", err)
 	return err
+}
+
+// applyMemoryLimit sets the Go runtime's soft memory limit from the
+// container's cgroup limit (unless GOMEMLIMIT is set) and returns the
+// extraction memory: the configured one, else at most an eighth of the
+// limit (8 MiB without one).
+func applyMemoryLimit(log klog.Logger, configured int64, workers int) int64 {
+	limit, from, err := memlimit.FromCgroup(memlimit.Options{})
+	if err != nil {
+		log.Error(err, "reading the cgroup memory limit", "file", from)
+	}
+	if limit > 0 && os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(memlimit.GoLimit(limit))
+	}
+	extract := configured
+	if extract == 0 {
+		extract = 8 << 20
+		if limit > 0 {
+			extract = min(extract, limit/8)
+		}
+	}
+	if workers == 0 {
+		workers = provisioner.WorkersFor(extract)
+	}
+	log.Info("memory", "cgroupLimit", limit, "from", from, "goMemLimit", debug.SetMemoryLimit(-1),
+		"extractMemory", extract, "extractWorkers", workers, "gomaxprocs", runtime.GOMAXPROCS(0))
+	return extract
 }
 
 // serveHTTP serves h on l until ctx ends, then shuts down gracefully
