@@ -15,7 +15,6 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -57,6 +56,18 @@ func (l *Limits) defaults() {
 // small files of repeated bytes legitimately compress very well.
 const ratioCheckMin = 1 << 20
 
+// ExtractOptions tune Extract. Zero fields take the defaults.
+type ExtractOptions struct {
+	// Limits bound what the archive may expand to.
+	Limits Limits
+	// Workers extract files in parallel. Default WorkersFor(8 MiB).
+	Workers int
+	// PageCache bounds the written data kept dirty or under writeback in
+	// the page cache (closed files waiting for writeback, and a quarter of
+	// it per open file). Default DefaultPageCache.
+	PageCache int64
+}
+
 // Extraction is what Extract produced.
 type Extraction struct {
 	Entries []storage.ManifestEntry
@@ -85,10 +96,15 @@ func badArchive(format string, a ...any) error {
 // pipes, symlinks must stay inside the tree and no entry may pass through a
 // symlink; limits are enforced on declared and on actual sizes. Files are
 // extracted by workers in parallel. On error the caller removes destDir.
-func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, limits Limits, workers int) (Extraction, error) {
+func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts ExtractOptions) (Extraction, error) {
+	limits, workers := opts.Limits, opts.Workers
 	limits.defaults()
 	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
+		workers = WorkersFor(8 << 20)
+	}
+	pageCache := opts.PageCache
+	if pageCache <= 0 {
+		pageCache = DefaultPageCache
 	}
 	var out Extraction
 	zf, err := fsys.Open(zipPath)
@@ -152,10 +168,10 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, limits
 		return nil
 	})
 	stopProgress := logExtractProgress(ctx, &done, len(files))
-	closer := &closeQueue{limit: closeQueueLimit}
+	closer := &closeQueue{limit: pageCache}
 	for range workers {
 		g.Go(func() error {
-			x := newFileExtractor(fsys, destDir, &total, limits.MaxBytes, closer)
+			x := newFileExtractor(fsys, destDir, &total, limits.MaxBytes, closer, writeBehindChunk(pageCache))
 			for i := range work {
 				p := plan[i]
 				e, err := x.extract(gctx, p)
@@ -433,6 +449,7 @@ type fileExtractor struct {
 	total    *atomic.Int64
 	maxBytes int64
 	closer   *closeQueue
+	chunk    int64 // write-behind chunk
 
 	in       *bufio.Reader // compressed bytes, read in large blocks
 	inflate  io.ReadCloser
@@ -444,8 +461,8 @@ type fileExtractor struct {
 	checksum io.Writer
 }
 
-func newFileExtractor(fsys afero.Fs, destDir string, total *atomic.Int64, maxBytes int64, closer *closeQueue) *fileExtractor {
-	x := &fileExtractor{fsys: fsys, destDir: destDir, total: total, maxBytes: maxBytes, closer: closer,
+func newFileExtractor(fsys afero.Fs, destDir string, total *atomic.Int64, maxBytes int64, closer *closeQueue, chunk int64) *fileExtractor {
+	x := &fileExtractor{fsys: fsys, destDir: destDir, total: total, maxBytes: maxBytes, closer: closer, chunk: chunk,
 		in: bufio.NewReaderSize(nil, workerReadBuffer), out: bufio.NewWriterSize(nil, workerWriteBuffer),
 		sha: sha256.New(), crc: crc32.NewIEEE(), copyBuf: make([]byte, workerCopyBuffer)}
 	x.checksum = io.MultiWriter(x.sha, x.crc)
@@ -481,7 +498,7 @@ func (x *fileExtractor) extract(ctx context.Context, p plannedEntry) (storage.Ma
 	if err != nil {
 		return storage.ManifestEntry{}, fmt.Errorf("extract %s: %w", p.name, err)
 	}
-	w := newWriteBehind(f)
+	w := newWriteBehind(f, x.chunk)
 	x.out.Reset(w)
 	x.sha.Reset()
 	x.crc.Reset()

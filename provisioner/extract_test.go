@@ -64,7 +64,7 @@ func extractBytes(t *testing.T, fsys afero.Fs, data []byte, limits provisioner.L
 	if err := afero.WriteFile(fsys, "in.zip", data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return provisioner.Extract(context.Background(), fsys, "in.zip", "out", limits, 2)
+	return provisioner.Extract(context.Background(), fsys, "in.zip", "out", provisioner.ExtractOptions{Limits: limits, Workers: 2})
 }
 
 func TestExtractRejectsUnsafeArchives(t *testing.T) {
@@ -257,7 +257,7 @@ func TestExtractRefusesTooManyEntriesBeforeDecodingThem(t *testing.T) {
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	_, err := provisioner.Extract(context.Background(), fsys, "in.zip", "out", provisioner.Limits{}, 2)
+	_, err := provisioner.Extract(context.Background(), fsys, "in.zip", "out", provisioner.ExtractOptions{Workers: 2})
 	runtime.ReadMemStats(&after)
 	if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "200000 entries exceed the limit of 100000") {
 		t.Fatalf("err = %v, want a refusal naming the entry count", err)
@@ -287,7 +287,7 @@ func TestExtractReadsZip64EntryCount(t *testing.T) {
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	_, err := provisioner.Extract(context.Background(), fsys, "in.zip", "out", provisioner.Limits{MaxEntries: 69_999}, 2)
+	_, err := provisioner.Extract(context.Background(), fsys, "in.zip", "out", provisioner.ExtractOptions{Limits: provisioner.Limits{MaxEntries: 69_999}, Workers: 2})
 	runtime.ReadMemStats(&after)
 	if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "70000 entries exceed") {
 		t.Fatalf("err = %v, want the ZIP64 count refused", err)

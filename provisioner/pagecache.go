@@ -10,11 +10,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// DefaultPageCache is the page cache an install may hold dirty or under
+// writeback where no memory limit says less (see Options.PageCache).
+const DefaultPageCache = 8 << 20
+
 // writeBehindChunk is how much a file may have dirty in the page cache before
-// writeback of it is started and the written range dropped from the cache.
-// A DaemonSet's memory limit counts dirty page cache too; without this a
-// large extraction can fill a small cgroup with dirty pages and stall.
-const writeBehindChunk = 4 << 20
+// writeback of it is started and the written range dropped from the cache:
+// a quarter of the page cache budget, at least 256 KiB. A DaemonSet's memory
+// limit counts dirty page cache too; without this a large extraction can
+// fill a small cgroup with dirty pages and stall.
+func writeBehindChunk(pageCache int64) int64 { return max(pageCache/4, 256<<10) }
 
 // writeBehind writes to f and, when f is backed by an OS file, pushes every
 // finished chunk to disk and drops it from the page cache, so the cache a
@@ -22,12 +27,13 @@ const writeBehindChunk = 4 << 20
 type writeBehind struct {
 	f       afero.File
 	fd      int
+	chunk   int64
 	written int64
 	flushed int64
 }
 
-func newWriteBehind(f afero.File) *writeBehind {
-	w := &writeBehind{f: f, fd: -1}
+func newWriteBehind(f afero.File, chunk int64) *writeBehind {
+	w := &writeBehind{f: f, fd: -1, chunk: chunk}
 	if osf := osFile(f); osf != nil {
 		w.fd = int(osf.Fd())
 	}
@@ -48,7 +54,7 @@ func osFile(f afero.File) *os.File {
 func (w *writeBehind) Write(p []byte) (int, error) {
 	n, err := w.f.Write(p)
 	w.written += int64(n)
-	if w.fd >= 0 && w.written-w.flushed >= writeBehindChunk {
+	if w.fd >= 0 && w.written-w.flushed >= w.chunk {
 		w.flush(false)
 	}
 	return n, err
@@ -111,10 +117,6 @@ type closeQueue struct {
 	pending []*writeBehind
 	bytes   int64
 }
-
-// closeQueueLimit is the page cache closed files may hold before the oldest
-// are dropped.
-const closeQueueLimit = 8 << 20
 
 // add takes over closing w. The error is that of closing some earlier file
 // (any error fails the whole extraction, so which file it was matters

@@ -70,6 +70,10 @@ type Options struct {
 	// where ExtractWorkers is not set, so a 64-core node does not take 64
 	// workers' buffers. Default 8 MiB.
 	ExtractMemory int64
+	// PageCache bounds the written data an install keeps dirty or under
+	// writeback in the page cache, which a container's memory limit counts
+	// too. Default DefaultPageCache (8 MiB).
+	PageCache int64
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// Registerer receives the provisioner's metrics. Default: none.
@@ -108,6 +112,9 @@ func (o *Options) defaults() {
 	}
 	if o.ExtractMemory == 0 {
 		o.ExtractMemory = 8 << 20
+	}
+	if o.PageCache == 0 {
+		o.PageCache = DefaultPageCache
 	}
 	if o.ExtractWorkers == 0 {
 		o.ExtractWorkers = WorkersFor(o.ExtractMemory)
@@ -531,7 +538,8 @@ func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.Ar
 	if err := fs.Mkdir(stagePath, 0o755); err != nil {
 		return storage.Artifact{}, err
 	}
-	ex, err := Extract(ctx, fs, zipPath, filepath.Join(stagePath, l.TreeName()), p.opts.Limits, p.opts.ExtractWorkers)
+	ex, err := Extract(ctx, fs, zipPath, filepath.Join(stagePath, l.TreeName()),
+		ExtractOptions{Limits: p.opts.Limits, Workers: p.opts.ExtractWorkers, PageCache: p.opts.PageCache})
 	if err != nil {
 		err = fmt.Errorf("tenant %q version %s: %w", c.Tenant().Name, key.Version, err)
 		if errors.Is(err, ErrBadArchive) {
@@ -595,7 +603,7 @@ func (p *Provisioner) download(ctx context.Context, c *Client, key storage.Artif
 	if err != nil {
 		return 0, nil, err
 	}
-	w := newWriteBehind(f)
+	w := newWriteBehind(f, writeBehindChunk(p.opts.PageCache))
 	h := sha256.New()
 	pr := &progressReader{r: body, total: total, log: klog.FromContext(ctx), start: time.Now(), last: time.Now(), h: h}
 	n, err := io.CopyBuffer(w, pr, make([]byte, 256<<10))

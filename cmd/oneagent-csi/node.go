@@ -79,7 +79,7 @@ func mergeFlags(cmd *cobra.Command, cfg *NodeConfig, o NodeConfig) {
 
 func runNode(ctx context.Context, cfg NodeConfig) error {
 	log := klog.FromContext(ctx)
-	extractMemory := applyMemoryLimit(log, int64(cfg.ExtractMemory), cfg.ExtractWorkers)
+	extractMemory, pageCache := applyMemoryLimit(log, int64(cfg.ExtractMemory), cfg.ExtractWorkers)
 	layout, err := storage.NewLayout(cfg.DataDir)
 	if err != nil {
 		return err
@@ -97,7 +97,7 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	prov, err := provisioner.New(provisioner.Options{
 		Layout: layout, Index: idx, Tenants: cfg.Tenants, DownloadTimeout: cfg.DownloadTimeout.Duration,
-		LatestTTL: cfg.LatestTTL.Duration, Limits: cfg.Limits, ExtractWorkers: cfg.ExtractWorkers, ExtractMemory: extractMemory, Registerer: reg,
+		LatestTTL: cfg.LatestTTL.Duration, Limits: cfg.Limits, ExtractWorkers: cfg.ExtractWorkers, ExtractMemory: extractMemory, PageCache: pageCache, Registerer: reg,
 		GC: provisioner.GCOptions{KeepPrevious: cfg.Cache.KeepPrevious, MaxBytes: int64(cfg.Cache.MaxBytes),
 			Interval: cfg.Cache.GCInterval.Duration, OrphanGrace: cfg.Cache.OrphanGrace.Duration},
 		Client: provisioner.ClientOptions{RequestTimeout: cfg.Client.RequestTimeout.Duration, ConnectTimeout: cfg.Client.ConnectTimeout.Duration,
@@ -183,9 +183,10 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 
 // applyMemoryLimit sets the Go runtime's soft memory limit from the
 // container's cgroup limit (unless GOMEMLIMIT is set) and returns the
-// extraction memory: the configured one, else at most an eighth of the
-// limit (8 MiB without one).
-func applyMemoryLimit(log klog.Logger, configured int64, workers int) int64 {
+// extraction memory (the configured one, else at most a sixteenth of the
+// limit, 8 MiB without one) and the page cache an install may keep dirty (a
+// sixteenth of the limit, 8 MiB without one).
+func applyMemoryLimit(log klog.Logger, configured int64, workers int) (int64, int64) {
 	limit, from, err := memlimit.FromCgroup(memlimit.Options{})
 	if err != nil {
 		log.Error(err, "reading the cgroup memory limit", "file", from)
@@ -193,19 +194,22 @@ func applyMemoryLimit(log klog.Logger, configured int64, workers int) int64 {
 	if limit > 0 && os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(memlimit.GoLimit(limit))
 	}
-	extract := configured
+	extract, pageCache := configured, int64(provisioner.DefaultPageCache)
 	if extract == 0 {
 		extract = 8 << 20
 		if limit > 0 {
-			extract = min(extract, limit/8)
+			extract = min(extract, limit/16)
 		}
+	}
+	if limit > 0 {
+		pageCache = min(pageCache, limit/16)
 	}
 	if workers == 0 {
 		workers = provisioner.WorkersFor(extract)
 	}
 	log.Info("memory", "cgroupLimit", limit, "from", from, "goMemLimit", debug.SetMemoryLimit(-1),
-		"extractMemory", extract, "extractWorkers", workers, "gomaxprocs", runtime.GOMAXPROCS(0))
-	return extract
+		"extractMemory", extract, "extractWorkers", workers, "pageCache", pageCache, "gomaxprocs", runtime.GOMAXPROCS(0))
+	return extract, pageCache
 }
 
 // serveHTTP serves h on l until ctx ends, then shuts down gracefully

@@ -47,3 +47,9 @@ func TestFromCgroup(t *testing.T) {
 		})
 	}
 }
+
+func TestGoLimit(t *testing.T) {
+	if got := GoLimit(32 << 20); got != 28<<20 {
+		t.Fatalf("GoLimit(32 MiB) = %d, want 28 MiB", got)
+	}
+}

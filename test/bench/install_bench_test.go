@@ -45,26 +45,32 @@ func moduleSize(b *testing.B) int64 {
 
 // BenchmarkColdInstall installs a synthetic 1 GiB code module from the fake
 // tenant on loopback with the real node process (prefetch at start-up),
-// three ways in every iteration:
+// four ways in every iteration:
 //
 //   - baseline: `unzip -q` of the same ZIP into a dir on the same disk;
 //   - the node process without a memory limit;
-//   - the node process inside a 64 MiB memory cgroup (heap and page cache
-//     both count, as for a DaemonSet's memory limit).
+//   - the node process inside a 64 MiB and inside a 32 MiB memory cgroup
+//     (heap and page cache both count, as for a DaemonSet's memory limit).
 //
-// The disk is synced before each step so that no step pays for the
-// previous one's dirty pages.
+// Every node process runs with GOMAXPROCS=64, as on a 64-core node (the
+// worker pool must follow the memory budget, not the core count). The disk
+// is synced before each step so that no step pays for the previous one's
+// dirty pages.
 func BenchmarkColdInstall(b *testing.B) {
 	harness.RequireRoot(b)
 	if _, err := exec.LookPath("unzip"); err != nil {
 		b.Skip("unzip not installed")
 	}
-	const memLimit = 64 << 20
-	cg, err := newMemoryCgroup(memLimit)
+	cg, err := newMemoryCgroup(64 << 20)
 	if err != nil {
 		b.Skipf("no memory cgroup: %v", err)
 	}
 	defer cg.remove()
+	cg32, err := newMemoryCgroup(32 << 20)
+	if err != nil {
+		b.Skipf("no memory cgroup: %v", err)
+	}
+	defer cg32.remove()
 
 	srv, tenant := harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: b.TempDir()})
 	// Generate the ZIP before anything is timed.
@@ -75,7 +81,7 @@ func BenchmarkColdInstall(b *testing.B) {
 	work := b.TempDir()
 
 	var unzipT time.Duration
-	var free, limited installResult
+	var free, limited, limited32 installResult
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		dir := filepath.Join(work, "unzip")
@@ -91,6 +97,8 @@ func BenchmarkColdInstall(b *testing.B) {
 		free.add(r)
 		r = coldInstall(b, tenant, work, cg)
 		limited.add(r)
+		r = coldInstall(b, tenant, work, cg32)
+		limited32.add(r)
 	}
 	b.StopTimer()
 	n := float64(b.N)
@@ -104,6 +112,9 @@ func BenchmarkColdInstall(b *testing.B) {
 	b.ReportMetric(limited.install.Seconds()/free.install.Seconds(), "64MiB/free")
 	b.ReportMetric(float64(limited.cgroupPeak)/n/(1<<20), "MiB-cgroup-peak")
 	b.ReportMetric(float64(limited.peakRSS)/n/(1<<20), "MiB-peak-rss-64MiB")
+	b.ReportMetric(limited32.install.Seconds()/n, "s-install-32MiB")
+	b.ReportMetric(limited32.install.Seconds()/free.install.Seconds(), "32MiB/free")
+	b.ReportMetric(float64(limited32.peakRSS)/n/(1<<20), "MiB-peak-rss-32MiB")
 }
 
 func (r *installResult) add(o installResult) {
@@ -155,6 +166,7 @@ func coldInstall(b *testing.B, tenant any, work string, cg *memoryCgroup) instal
 		cmd = exec.Command(args[0], args[1:]...)
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=64")
 	unix.Sync()
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
@@ -254,7 +266,7 @@ type memoryCgroup struct {
 }
 
 func newMemoryCgroup(limit int64) (*memoryCgroup, error) {
-	name := fmt.Sprintf("oneagent-csi-bench-%d", os.Getpid())
+	name := fmt.Sprintf("oneagent-csi-bench-%d-%d", os.Getpid(), limit>>20)
 	cg := &memoryCgroup{}
 	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
 		cg.v2, cg.dir = true, filepath.Join("/sys/fs/cgroup", name)

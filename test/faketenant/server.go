@@ -109,6 +109,7 @@ type Server struct {
 	requests    map[string]int
 	downloads   map[string]int
 	generateMux sync.Mutex
+	files       map[string]string // version -> a ZIP served as it is
 	modules     map[string]string
 }
 
@@ -213,8 +214,25 @@ func (s *Server) ProcessModuleConfig() map[string]any {
 	}}
 }
 
+// ServeModuleFile serves the file at path as version's ZIP (for hostile or
+// hand-made archives).
+func (s *Server) ServeModuleFile(version, path string) {
+	s.generateMux.Lock()
+	defer s.generateMux.Unlock()
+	if s.files == nil {
+		s.files = map[string]string{}
+	}
+	s.files[version] = path
+}
+
 // ModulePath generates (once) and returns the file of a version's ZIP.
 func (s *Server) ModulePath(version string) (string, error) {
+	s.generateMux.Lock()
+	if p, ok := s.files[version]; ok {
+		s.generateMux.Unlock()
+		return p, nil
+	}
+	s.generateMux.Unlock()
 	spec := ModuleSpec{Version: version, Size: s.opts.ModuleSize, ExtraFiles: s.opts.ExtraFiles}
 	if size, ok := s.opts.VersionSizes[version]; ok {
 		spec.Size = size

@@ -73,10 +73,21 @@ func (e *ProcessEnv) Start() *NodeProcess {
 	return e.StartWith()
 }
 
+// StartWithEnv runs the node process with extra environment variables.
+func (e *ProcessEnv) StartWithEnv(env []string) *NodeProcess {
+	e.t.Helper()
+	return e.start(env)
+}
+
 // StartWith runs the node process under a wrapper command (for example
 // "unshare -m --propagation unchanged" for a mount namespace of its own, as
 // the DaemonSet container has) and waits until CSI Probe says ready.
 func (e *ProcessEnv) StartWith(wrapper ...string) *NodeProcess {
+	e.t.Helper()
+	return e.start(nil, wrapper...)
+}
+
+func (e *ProcessEnv) start(env []string, wrapper ...string) *NodeProcess {
 	t := e.t
 	t.Helper()
 	p := &NodeProcess{Log: filepath.Join(t.TempDir(), "node.log")}
@@ -86,6 +97,9 @@ func (e *ProcessEnv) StartWith(wrapper ...string) *NodeProcess {
 	}
 	argv := append(append(append([]string(nil), wrapper...), Binary(t)), "node", "--config", e.Config, "-v", "2")
 	p.Cmd = exec.Command(argv[0], argv[1:]...)
+	if env != nil {
+		p.Cmd.Env = append(os.Environ(), env...)
+	}
 	p.Cmd.Stdout, p.Cmd.Stderr = logf, logf
 	if err := p.Cmd.Start(); err != nil {
 		t.Fatal(err)
