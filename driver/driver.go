@@ -16,6 +16,7 @@ import (
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/afero"
+	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
@@ -96,6 +97,7 @@ type Driver struct {
 
 	opts    Options
 	locks   targetLocks
+	waiters chan struct{}
 	metrics *metrics
 }
 
@@ -136,7 +138,8 @@ func New(opts Options) (*Driver, error) {
 	case opts.Layout.Root() == "":
 		return nil, errors.New("driver: Layout is required")
 	}
-	return &Driver{opts: opts, metrics: newMetrics(opts.Registerer)}, nil
+	return &Driver{opts: opts, waiters: make(chan struct{}, maxDownloadWaiters),
+		metrics: newMetrics(opts.Registerer)}, nil
 }
 
 // Name is the registered driver name.
@@ -179,10 +182,29 @@ func Listen(path string) (net.Listener, error) {
 	return l, nil
 }
 
+// connBufferSize is the read and write buffer of one CSI connection. CSI
+// messages are a few hundred bytes and kubelet opens a connection per call,
+// so gRPC's default 32 KiB buffers each way cost 32 MiB in a burst of 500
+// publishes for nothing.
+const connBufferSize = 4 << 10
+
+// MaxConnections is how many CSI connections are served at once; more wait
+// in the socket's backlog (kubelet opens one per call). In a burst of 500
+// publishes at once, serving them all at once cost ~30 MiB of goroutine
+// stacks and transport state for no gain in speed (mounts are serialised by
+// the kernel); 64 at a time kept the process under 48 MiB at the same burst
+// time (BENCHMARKS.md). Publishes that would wait for a download are bounded
+// separately (maxDownloadWaiters), so they cannot hold every slot.
+const MaxConnections = 64
+
+// LimitConnections returns l serving at most MaxConnections at once.
+func LimitConnections(l net.Listener) net.Listener { return netutil.LimitListener(l, MaxConnections) }
+
 // NewGRPCServer returns a gRPC server with the driver's Identity and Node
 // services and request logging (secrets stripped).
 func (d *Driver) NewGRPCServer() *grpc.Server {
-	s := grpc.NewServer(grpc.UnaryInterceptor(logInterceptor))
+	s := grpc.NewServer(grpc.UnaryInterceptor(logInterceptor),
+		grpc.ReadBufferSize(connBufferSize), grpc.WriteBufferSize(connBufferSize), grpc.SharedWriteBuffer(true))
 	csi.RegisterIdentityServer(s, d)
 	csi.RegisterNodeServer(s, d)
 	return s

@@ -231,9 +231,25 @@ func finalFailure(err error) string {
 	return ""
 }
 
+// maxDownloadWaiters is how many publishes may wait up to PublishWait for a
+// download at once; further ones wait at most busyWait and return
+// Unavailable (kubelet retries with backoff), so that waiting publishes
+// never hold all of the MaxConnections that other volumes need.
+const (
+	maxDownloadWaiters = 16
+	busyWait           = 100 * time.Millisecond
+)
+
 // publishApp mounts the tenant layer over the code module at the target.
 func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.Volume) error {
-	pctx, cancel := context.WithTimeout(ctx, d.opts.PublishWait)
+	wait := busyWait
+	select {
+	case d.waiters <- struct{}{}:
+		wait = d.opts.PublishWait
+		defer func() { <-d.waiters }()
+	default:
+	}
+	pctx, cancel := context.WithTimeout(ctx, wait)
 	prep, err := d.opts.Provisioner.Prepare(pctx, r.attrs.Tenant, r.attrs.Version)
 	cancel()
 	if err != nil {

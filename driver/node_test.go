@@ -28,10 +28,23 @@ type fakeProvisioner struct {
 	err     error
 	calls   int
 	tenants []string
+	// download makes Prepare wait like a running download: until ctx ends,
+	// then ErrInProgress.
+	download bool
+	waiting  int
 }
 
-func (f *fakeProvisioner) Prepare(_ context.Context, tenant, pin string) (provisioner.Prepared, error) {
+func (f *fakeProvisioner) Prepare(ctx context.Context, tenant, pin string) (provisioner.Prepared, error) {
 	f.mu.Lock()
+	if f.download {
+		f.waiting++
+		f.mu.Unlock()
+		<-ctx.Done()
+		f.mu.Lock()
+		f.waiting--
+		f.mu.Unlock()
+		return provisioner.Prepared{}, provisioner.ErrInProgress
+	}
 	defer f.mu.Unlock()
 	f.calls++
 	if f.err != nil {
@@ -305,6 +318,49 @@ func TestPublishFailsOpenWhenTheMountKeepsFailing(t *testing.T) {
 	}
 	if n := testutil.ToFloat64(f.d.metrics.failOpen.WithLabelValues(FailOpenRetryTimeout)); n != 1 {
 		t.Fatalf("fail_open_total{reason=retry_timeout} = %v, want 1", n)
+	}
+}
+
+// Only a bounded number of publishes wait for a download; the next ones
+// return Unavailable at once, so waiting publishes never hold every CSI
+// connection other volumes need.
+func TestDownloadWaitersAreBounded(t *testing.T) {
+	f := newUnit(t)
+	f.d.opts.PublishWait = time.Minute
+	f.prov.download = true
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, maxDownloadWaiters)
+	for i := range maxDownloadWaiters {
+		go func() {
+			_, err := f.d.NodePublishVolume(ctx, request(fmt.Sprintf("w%d", i), f.target(fmt.Sprintf("w%d", i)), nil))
+			done <- err
+		}()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		f.prov.mu.Lock()
+		n := f.prov.waiting
+		f.prov.mu.Unlock()
+		if n == maxDownloadWaiters {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d publishes waiting, want %d", n, maxDownloadWaiters)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	start := time.Now()
+	_, err := f.d.NodePublishVolume(context.Background(), request("late", f.target("late"), nil))
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("publish beyond the waiters: %v, want Unavailable", err)
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Fatalf("publish beyond the waiters took %v, want about %v, not PublishWait", took, busyWait)
+	}
+	cancel()
+	for range maxDownloadWaiters {
+		<-done
 	}
 }
 

@@ -130,7 +130,7 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 		return fmt.Errorf("csiSocket: %w", err)
 	}
 	csiServer := drv.NewGRPCServer()
-	serveGRPC(g, gctx, csiServer, csiListener, "csi")
+	serveGRPC(g, gctx, csiServer, driver.LimitConnections(csiListener), "csi")
 	log.Info("serving CSI", "driver", cfg.DriverName, "socket", cfg.CSISocket, "node", cfg.NodeID)
 
 	if cfg.RegistrationDir != "" {

@@ -228,21 +228,24 @@ func findLine(b *testing.B, path string) []string {
 	return nil
 }
 
-func vmHWM(b *testing.B, pid int) int64 {
+func vmHWM(b *testing.B, pid int) int64 { return procStatus(b, pid, "VmHWM:") << 10 }
+
+// procStatus reads a number (kB values in kB) from /proc/<pid>/status.
+func procStatus(b *testing.B, pid int, field string) int64 {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		b.Fatal(err)
 	}
 	for line := range strings.SplitSeq(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		if v, ok := strings.CutPrefix(line, field); ok {
+			n, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
 			if err != nil {
 				b.Fatal(err)
 			}
-			return kb << 10
+			return n
 		}
 	}
-	b.Fatal("no VmHWM in /proc/<pid>/status")
+	b.Fatalf("no %s in /proc/<pid>/status", field)
 	return 0
 }
 

@@ -26,9 +26,13 @@ import (
 func BenchmarkPublishBurstMemory(b *testing.B) {
 	harness.RequireRoot(b)
 	const volumes = 500
+	procs := os.Getenv("ONEAGENT_CSI_BENCH_GOMAXPROCS")
+	if procs == "" {
+		procs = "64"
+	}
 	for i := 0; i < b.N; i++ {
 		e := harness.NewProcessEnv(b, faketenant.Options{}, false)
-		p := e.StartWithEnv([]string{"GOMAXPROCS=64"})
+		p := e.StartWithEnv([]string{"GOMAXPROCS=" + procs})
 		ctx := context.Background()
 		warm := harness.Target(e.Targets, "warm")
 		if _, err := p.Node.NodePublishVolume(ctx, harness.PublishRequest("warm", warm, nil)); err != nil {
@@ -72,11 +76,13 @@ func BenchmarkPublishBurstMemory(b *testing.B) {
 		}
 		took := time.Since(start)
 		peak := vmHWM(b, p.Cmd.Process.Pid)
+		threads := procStatus(b, p.Cmd.Process.Pid, "Threads:")
 		p.Stop(b)
 		b.ReportMetric(float64(idle)/(1<<20), "MiB-rss-idle")
 		b.ReportMetric(float64(peak)/(1<<20), "MiB-rss-peak-burst")
 		b.ReportMetric(float64(peak)/float64(idle), "burst/idle")
 		b.ReportMetric(took.Seconds(), "s-burst")
+		b.ReportMetric(float64(threads), "threads-after")
 	}
 }
 
