@@ -292,3 +292,48 @@ func mustRead(t *testing.T, path string) []byte {
 	}
 	return b
 }
+
+// An annotation naming a tenant the node does not know (a typo, or injector
+// and node configs out of step) fails open at once: the pod runs without the
+// agent, and the reason is in the volume record and the kubelet's events
+// never show a retry loop.
+func TestUnknownTenantFailsOpenAtOnce(t *testing.T) {
+	ctx := setup(t)
+	if err := env.c.EnsureNamespace(ctx, "typo", map[string]string{api.InjectLabel: "true"}); err != nil {
+		t.Fatal(err)
+	}
+	pod := appPod("typo", map[string]string{api.TenantAnnotation: "prdo"})
+	created, err := env.c.Client.CoreV1().Pods("typo").Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	running := waitRunning(ctx, t, "typo", created.Name)
+	target := filepath.Join(env.c.KubeletRoot, "pods", string(running.UID), "volumes", "kubernetes.io~csi", api.AgentVolumeName, "mount")
+	entries, err := os.ReadDir(target)
+	if err != nil || len(entries) != 0 {
+		t.Fatalf("agent dir of a volume naming an unknown tenant: %v, %v; want empty", entries, err)
+	}
+	var vols []storage.Volume
+	cacheJSON(t, &vols, "volumes")
+	var rec *storage.Volume
+	for i := range vols {
+		if vols[i].TargetPath == target {
+			rec = &vols[i]
+		}
+	}
+	if rec == nil || rec.State != storage.VolumeFailedOpen || !strings.Contains(rec.Reason, "unknown_tenant") || !strings.Contains(rec.Reason, `"prdo"`) {
+		t.Fatalf("record of %s = %+v; want failedOpen naming the unknown tenant", target, rec)
+	}
+	// At once: the first attempt failed open, so the pod never saw a
+	// failed mount.
+	evs, err := env.c.Client.CoreV1().Events("typo").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + running.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range evs.Items {
+		if e.Reason == "FailedMount" {
+			t.Fatalf("the pod waited for a tenant that cannot come: %s: %s", e.Reason, e.Message)
+		}
+	}
+	deletePod(ctx, t, "typo", running.Name)
+}
