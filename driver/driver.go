@@ -189,13 +189,13 @@ func Listen(path string) (net.Listener, error) {
 const connBufferSize = 4 << 10
 
 // MaxConnections is how many CSI connections are served at once; more wait
-// in the socket's backlog (kubelet opens one per call). In a burst of 500
-// publishes at once, serving them all at once cost ~30 MiB of goroutine
-// stacks and transport state for no gain in speed (mounts are serialised by
-// the kernel); 64 at a time kept the process under 48 MiB at the same burst
+// in the socket's backlog (kubelet opens one per call). Serving a burst of
+// 500 publishes all at once cost ~30 MiB of goroutine stacks and transport
+// state for no gain in speed (a warm publish takes a few milliseconds); 32 at
+// a time keeps the process near 46 MiB with GOMAXPROCS=64 at the same burst
 // time (BENCHMARKS.md). Publishes that would wait for a download are bounded
 // separately (maxDownloadWaiters), so they cannot hold every slot.
-const MaxConnections = 64
+const MaxConnections = 32
 
 // LimitConnections returns l serving at most MaxConnections at once.
 func LimitConnections(l net.Listener) net.Listener { return netutil.LimitListener(l, MaxConnections) }

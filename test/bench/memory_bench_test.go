@@ -30,6 +30,8 @@ func BenchmarkPublishBurstMemory(b *testing.B) {
 	if procs == "" {
 		procs = "64"
 	}
+	var idleMax, peakMax, threadsMax int64
+	var took time.Duration
 	for i := 0; i < b.N; i++ {
 		e := harness.NewProcessEnv(b, faketenant.Options{}, false)
 		p := e.StartWithEnv([]string{"GOMAXPROCS=" + procs})
@@ -74,16 +76,18 @@ func BenchmarkPublishBurstMemory(b *testing.B) {
 				b.Fatalf("burst call: %v", err)
 			}
 		}
-		took := time.Since(start)
-		peak := vmHWM(b, p.Cmd.Process.Pid)
-		threads := procStatus(b, p.Cmd.Process.Pid, "Threads:")
+		took += time.Since(start)
+		peakMax = max(peakMax, vmHWM(b, p.Cmd.Process.Pid))
+		idleMax = max(idleMax, idle)
+		threadsMax = max(threadsMax, procStatus(b, p.Cmd.Process.Pid, "Threads:"))
 		p.Stop(b)
-		b.ReportMetric(float64(idle)/(1<<20), "MiB-rss-idle")
-		b.ReportMetric(float64(peak)/(1<<20), "MiB-rss-peak-burst")
-		b.ReportMetric(float64(peak)/float64(idle), "burst/idle")
-		b.ReportMetric(took.Seconds(), "s-burst")
-		b.ReportMetric(float64(threads), "threads-after")
 	}
+	// The worst iteration: a limit must hold every time.
+	b.ReportMetric(float64(idleMax)/(1<<20), "MiB-rss-idle-max")
+	b.ReportMetric(float64(peakMax)/(1<<20), "MiB-rss-peak-burst-max")
+	b.ReportMetric(float64(peakMax)/float64(idleMax), "burst/idle")
+	b.ReportMetric(took.Seconds()/float64(b.N), "s-burst")
+	b.ReportMetric(float64(threadsMax), "threads-max")
 }
 
 // BenchmarkEntryLimitRefusalMemory serves a 200,000-entry archive (limit
@@ -110,6 +114,7 @@ func BenchmarkEntryLimitRefusalMemory(b *testing.B) {
 	if err := f.Close(); err != nil {
 		b.Fatal(err)
 	}
+	var refusal, small int64
 	for i := 0; i < b.N; i++ {
 		for _, bad := range []bool{false, true} {
 			e := harness.NewProcessEnv(b, faketenant.Options{}, false)
@@ -121,13 +126,16 @@ func BenchmarkEntryLimitRefusalMemory(b *testing.B) {
 			_, err := p.Node.NodePublishVolume(context.Background(), harness.PublishRequest("v", target, nil))
 			switch {
 			case bad && err != nil:
-				b.ReportMetric(float64(vmHWM(b, p.Cmd.Process.Pid))/(1<<20), "MiB-rss-peak-refusal")
+				refusal = max(refusal, vmHWM(b, p.Cmd.Process.Pid))
 			case !bad && err == nil:
-				b.ReportMetric(float64(vmHWM(b, p.Cmd.Process.Pid))/(1<<20), "MiB-rss-peak-small-install")
+				small = max(small, vmHWM(b, p.Cmd.Process.Pid))
 			default:
 				b.Fatalf("publish (bad archive %t): %v", bad, err)
 			}
 			p.Stop(b)
 		}
 	}
+	b.ReportMetric(float64(refusal)/(1<<20), "MiB-rss-peak-refusal-max")
+	b.ReportMetric(float64(small)/(1<<20), "MiB-rss-peak-small-install-max")
+	b.ReportMetric(float64(refusal)/float64(small), "refusal/small")
 }
