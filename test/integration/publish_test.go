@@ -418,3 +418,36 @@ func TestBusyTargetIsAborted(t *testing.T) {
 		t.Fatalf("first publish: %v, want Unavailable while the download runs", err)
 	}
 }
+
+// A symlink at the target is never followed: publish refuses it, and
+// unpublish removes the link without touching the mount it points at.
+func TestSymlinkTargetIsNeverFollowed(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{})
+	ctx := harness.Ctx(t)
+	elsewhere := t.TempDir()
+	if err := syscall.Mount("tmpfs", elsewhere, "tmpfs", 0, "size=64k"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(elsewhere, syscall.MNT_DETACH) })
+	target := harness.Target(n.TargetRoot, "link")
+	if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(elsewhere, target); err != nil {
+		t.Fatal(err)
+	}
+	_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-link", target, nil))
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "symlink") {
+		t.Fatalf("publish at a symlink: %v, want InvalidArgument naming the symlink", err)
+	}
+	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-link", TargetPath: target}); err != nil {
+		t.Fatalf("unpublish of a symlink: %v", err)
+	}
+	if _, ok := mountOf(t, elsewhere); !ok {
+		t.Fatal("unpublish followed the symlink and unmounted what it points at")
+	}
+	if _, err := os.Lstat(target); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the symlink is still there: %v", err)
+	}
+}
