@@ -236,63 +236,47 @@ func TestMergeRuxitAgentProcConf(t *testing.T) {
 }
 
 // An archive declaring more entries than allowed is refused from its end
-// record, before its central directory is decoded into memory.
+// record (and, above 65,535 entries, its ZIP64 form) before its central
+// directory is decoded into memory: the refusal allocates next to nothing.
 func TestExtractRefusesTooManyEntriesBeforeDecodingThem(t *testing.T) {
-	var buf bytes.Buffer
-	zw := zip.NewWriter(&buf)
-	const entries = 200_000
-	for i := range entries {
-		if _, err := zw.CreateHeader(&zip.FileHeader{Name: fmt.Sprintf("agent/lib/f%06d", i), Method: zip.Store}); err != nil {
-			t.Fatal(err)
-		}
+	tests := []struct {
+		name    string
+		entries int
+		limit   int
+		want    string
+	}{
+		{"200,000 entries", 200_000, 0, "200000 entries exceed the limit of 100000"},
+		{"count only in the ZIP64 record", 70_000, 69_999, "70000 entries exceed the limit of 69999"},
 	}
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
-	if err := afero.WriteFile(fsys, "in.zip", buf.Bytes(), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	buf = bytes.Buffer{}
-	var before, after runtime.MemStats
-	runtime.GC()
-	runtime.ReadMemStats(&before)
-	_, err := provisioner.Extract(context.Background(), fsys, "in.zip", "out", provisioner.ExtractOptions{Workers: 2})
-	runtime.ReadMemStats(&after)
-	if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "200000 entries exceed the limit of 100000") {
-		t.Fatalf("err = %v, want a refusal naming the entry count", err)
-	}
-	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 1<<20 {
-		t.Fatalf("refusing took %d KiB of allocations: the central directory was decoded", alloc>>10)
-	}
-}
-
-// ZIP64 archives declare their entry count in the ZIP64 end record.
-func TestExtractReadsZip64EntryCount(t *testing.T) {
-	var buf bytes.Buffer
-	zw := zip.NewWriter(&buf)
-	const entries = 70_000 // above 65,535: only the ZIP64 record holds the count
-	for i := range entries {
-		if _, err := zw.CreateHeader(&zip.FileHeader{Name: fmt.Sprintf("f%05d", i), Method: zip.Store}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
-	if err := afero.WriteFile(fsys, "in.zip", buf.Bytes(), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	var before, after runtime.MemStats
-	runtime.GC()
-	runtime.ReadMemStats(&before)
-	_, err := provisioner.Extract(context.Background(), fsys, "in.zip", "out", provisioner.ExtractOptions{Limits: provisioner.Limits{MaxEntries: 69_999}, Workers: 2})
-	runtime.ReadMemStats(&after)
-	if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "70000 entries exceed") {
-		t.Fatalf("err = %v, want the ZIP64 count refused", err)
-	}
-	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 1<<20 {
-		t.Fatalf("refusing took %d KiB of allocations: the central directory was decoded", alloc>>10)
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var buf bytes.Buffer
+			zw := zip.NewWriter(&buf)
+			for i := range tc.entries {
+				if _, err := zw.CreateHeader(&zip.FileHeader{Name: fmt.Sprintf("agent/lib/f%06d", i), Method: zip.Store}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := zw.Close(); err != nil {
+				t.Fatal(err)
+			}
+			fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
+			if err := afero.WriteFile(fsys, "in.zip", buf.Bytes(), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			buf = bytes.Buffer{}
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			_, err := provisioner.Extract(context.Background(), fsys, "in.zip", "out",
+				provisioner.ExtractOptions{Limits: provisioner.Limits{MaxEntries: tc.limit}, Workers: 2})
+			runtime.ReadMemStats(&after)
+			if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want a refusal saying %q", err, tc.want)
+			}
+			if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 1<<20 {
+				t.Fatalf("refusing took %d KiB of allocations: the central directory was decoded", alloc>>10)
+			}
+		})
 	}
 }

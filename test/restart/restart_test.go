@@ -145,7 +145,7 @@ func TestKillWhilePublished(t *testing.T) {
 func TestSecondProcessOnTheSameDataDirRefuses(t *testing.T) {
 	harness.RequireRoot(t)
 	e := harness.NewProcessEnv(t, faketenant.Options{ModuleSize: 2 << 20}, true)
-	e.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultSlow, Route: faketenant.RouteDownload, Rate: 512 << 10})
+	e.Tenant.SetFaults(faketenant.Fault{Kind: faketenant.FaultSlow, Route: faketenant.RouteDownload, Rate: 128 << 10}) // 16 s: longer than the second process waits for the lock
 	p := e.Start()
 	tmp := filepath.Join(e.DataDir, "tmp")
 	harness.Eventually(t, 30*time.Second, "the first process's download in tmp/", func() bool {
