@@ -204,7 +204,7 @@ func LimitConnections(l net.Listener) net.Listener { return netutil.LimitListene
 // services and request logging (secrets stripped).
 func (d *Driver) NewGRPCServer() *grpc.Server {
 	s := grpc.NewServer(grpc.UnaryInterceptor(logInterceptor),
-		grpc.ReadBufferSize(connBufferSize), grpc.WriteBufferSize(connBufferSize), grpc.SharedWriteBuffer(true))
+		grpc.ReadBufferSize(connBufferSize), grpc.WriteBufferSize(connBufferSize))
 	csi.RegisterIdentityServer(s, d)
 	csi.RegisterNodeServer(s, d)
 	return s

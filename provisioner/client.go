@@ -357,7 +357,7 @@ func (c *Client) OpenAgentZip(ctx context.Context, version, flavor, arch string)
 	q.Set("bitness", "64")
 	q.Set("include", "all")
 	q.Set("skipMetadata", "true")
-	resp, err := c.do(ctx, RouteVersionPrefix+url.PathEscape(version), q)
+	resp, err := c.do(ctx, RouteVersionPrefix+url.PathEscape(version), q) //nolint:bodyclose // the caller closes it through idleBody
 	if err != nil {
 		cancel(nil)
 		return nil, 0, err
