@@ -61,16 +61,16 @@ func BenchmarkColdInstall(b *testing.B) {
 	if _, err := exec.LookPath("unzip"); err != nil {
 		b.Skip("unzip not installed")
 	}
-	cg, err := newMemoryCgroup(64 << 20)
+	cg, err := harness.NewMemoryCgroup(64 << 20)
 	if err != nil {
 		b.Skipf("no memory cgroup: %v", err)
 	}
-	defer cg.remove()
-	cg32, err := newMemoryCgroup(32 << 20)
+	defer cg.Remove()
+	cg32, err := harness.NewMemoryCgroup(32 << 20)
 	if err != nil {
 		b.Skipf("no memory cgroup: %v", err)
 	}
-	defer cg32.remove()
+	defer cg32.Remove()
 
 	srv, tenant := harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: b.TempDir()})
 	// Generate the ZIP before anything is timed.
@@ -131,7 +131,7 @@ var installedLine = regexp.MustCompile(`"installed code module".* download="([^"
 // coldInstall starts the node process with an empty data dir and prefetch
 // on, waits for the "installed code module" log line, reads the timings and
 // the peak RSS, and stops the process.
-func coldInstall(b *testing.B, tenant any, work string, cg *memoryCgroup) installResult {
+func coldInstall(b *testing.B, tenant any, work string, cg *harness.MemoryCgroup) installResult {
 	b.Helper()
 	dataDir := filepath.Join(work, "data")
 	defer removeAll(b, dataDir)
@@ -160,8 +160,8 @@ func coldInstall(b *testing.B, tenant any, work string, cg *memoryCgroup) instal
 	if cg != nil {
 		// The shell joins the cgroup, then execs the node: nothing runs
 		// outside the limit.
-		cmd = exec.Command("sh", append([]string{"-c", `echo $$ > "$0" && exec "$@"`, cg.procs}, args...)...)
-		cg.resetPeak()
+		cmd = cg.Command(args...)
+		cg.ResetPeak()
 	} else {
 		cmd = exec.Command(args[0], args[1:]...)
 	}
@@ -205,7 +205,7 @@ func coldInstall(b *testing.B, tenant any, work string, cg *memoryCgroup) instal
 	}
 	r.peakRSS = vmHWM(b, cmd.Process.Pid)
 	if cg != nil {
-		r.cgroupPeak = cg.peak()
+		r.cgroupPeak = cg.Peak()
 	}
 	b.Logf("install: download %v, extract %v, total %v, peak RSS %d MiB, cgroup peak %d MiB",
 		r.download, r.extract, r.install.Round(time.Millisecond), r.peakRSS>>20, r.cgroupPeak>>20)
@@ -261,59 +261,3 @@ func tail(b []byte, n int) []byte {
 	}
 	return b
 }
-
-// memoryCgroup is a memory cgroup made for the benchmark, v1 or v2.
-type memoryCgroup struct {
-	dir, procs string
-	v2         bool
-}
-
-func newMemoryCgroup(limit int64) (*memoryCgroup, error) {
-	name := fmt.Sprintf("oneagent-csi-bench-%d-%d", os.Getpid(), limit>>20)
-	cg := &memoryCgroup{}
-	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
-		cg.v2, cg.dir = true, filepath.Join("/sys/fs/cgroup", name)
-	} else {
-		cg.dir = filepath.Join("/sys/fs/cgroup/memory", name)
-	}
-	if err := os.Mkdir(cg.dir, 0o755); err != nil {
-		return nil, err
-	}
-	cg.procs = filepath.Join(cg.dir, "cgroup.procs")
-	file, value := "memory.limit_in_bytes", strconv.FormatInt(limit, 10)
-	if cg.v2 {
-		file = "memory.max"
-	}
-	if err := os.WriteFile(filepath.Join(cg.dir, file), []byte(value), 0o644); err != nil {
-		cg.remove()
-		return nil, err
-	}
-	if cg.v2 {
-		_ = os.WriteFile(filepath.Join(cg.dir, "memory.swap.max"), []byte("0"), 0o644)
-	}
-	return cg, nil
-}
-
-// resetPeak starts a new peak measurement (v1 only; v2's memory.peak counts
-// from the cgroup's creation, and the benchmark makes a single process run
-// in it at a time).
-func (c *memoryCgroup) resetPeak() {
-	if !c.v2 {
-		_ = os.WriteFile(filepath.Join(c.dir, "memory.max_usage_in_bytes"), []byte("0"), 0o644)
-	}
-}
-
-func (c *memoryCgroup) peak() int64 {
-	file := "memory.max_usage_in_bytes"
-	if c.v2 {
-		file = "memory.peak"
-	}
-	data, err := os.ReadFile(filepath.Join(c.dir, file))
-	if err != nil {
-		return 0
-	}
-	n, _ := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
-	return n
-}
-
-func (c *memoryCgroup) remove() { _ = os.Remove(c.dir) }

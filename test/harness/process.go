@@ -73,10 +73,11 @@ func (e *ProcessEnv) Start() *NodeProcess {
 	return e.StartWith()
 }
 
-// StartWithEnv runs the node process with extra environment variables.
-func (e *ProcessEnv) StartWithEnv(env []string) *NodeProcess {
+// StartWithEnv runs the node process with extra environment variables,
+// under an optional wrapper command (see StartWith).
+func (e *ProcessEnv) StartWithEnv(env []string, wrapper ...string) *NodeProcess {
 	e.t.Helper()
-	return e.start(env)
+	return e.start(env, wrapper...)
 }
 
 // StartWith runs the node process under a wrapper command (for example
