@@ -259,17 +259,7 @@ func TestTenantDownFailsOpen(t *testing.T) {
 	}
 	env.tenant.SetToken("rotated-away") // every call now fails with 401
 	t.Cleanup(func() { env.tenant.SetToken(string(mustRead(t, filepath.Join(filepath.Dir(env.nodeCfg), "token")))) })
-	pod := appPod("down", map[string]string{api.VersionAnnotation: "1.309.66.20250301-101500"})
-	created, err := env.c.Client.CoreV1().Pods("down").Create(ctx, pod, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	running := waitRunning(ctx, t, "down", created.Name)
-	target := filepath.Join(env.c.KubeletRoot, "pods", string(running.UID), "volumes", "kubernetes.io~csi", api.AgentVolumeName, "mount")
-	entries, err := os.ReadDir(target)
-	if err != nil || len(entries) != 0 {
-		t.Fatalf("agent dir of a failed-open volume: %v, %v; want empty", entries, err)
-	}
+	running, target := runWithEmptyAgentDir(ctx, t, "down", map[string]string{api.VersionAnnotation: "1.309.66.20250301-101500"})
 	var vols []storage.Volume
 	cacheJSON(t, &vols, "volumes")
 	found := false
@@ -282,6 +272,23 @@ func TestTenantDownFailsOpen(t *testing.T) {
 		t.Fatalf("no failed-open record with a reason for %s: %+v", target, vols)
 	}
 	deletePod(ctx, t, "down", running.Name)
+}
+
+// runWithEmptyAgentDir creates an app pod with annotations, waits until it
+// runs and checks that its agent dir (a failed-open volume) is empty.
+func runWithEmptyAgentDir(ctx context.Context, t *testing.T, namespace string, annotations map[string]string) (*corev1.Pod, string) {
+	t.Helper()
+	created, err := env.c.Client.CoreV1().Pods(namespace).Create(ctx, appPod(namespace, annotations), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	running := waitRunning(ctx, t, namespace, created.Name)
+	target := filepath.Join(env.c.KubeletRoot, "pods", string(running.UID), "volumes", "kubernetes.io~csi", api.AgentVolumeName, "mount")
+	entries, err := os.ReadDir(target)
+	if err != nil || len(entries) != 0 {
+		t.Fatalf("agent dir of a failed-open volume: %v, %v; want empty", entries, err)
+	}
+	return running, target
 }
 
 func mustRead(t *testing.T, path string) []byte {
@@ -302,17 +309,7 @@ func TestUnknownTenantFailsOpenAtOnce(t *testing.T) {
 	if err := env.c.EnsureNamespace(ctx, "typo", map[string]string{api.InjectLabel: "true"}); err != nil {
 		t.Fatal(err)
 	}
-	pod := appPod("typo", map[string]string{api.TenantAnnotation: "prdo"})
-	created, err := env.c.Client.CoreV1().Pods("typo").Create(ctx, pod, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	running := waitRunning(ctx, t, "typo", created.Name)
-	target := filepath.Join(env.c.KubeletRoot, "pods", string(running.UID), "volumes", "kubernetes.io~csi", api.AgentVolumeName, "mount")
-	entries, err := os.ReadDir(target)
-	if err != nil || len(entries) != 0 {
-		t.Fatalf("agent dir of a volume naming an unknown tenant: %v, %v; want empty", entries, err)
-	}
+	running, target := runWithEmptyAgentDir(ctx, t, "typo", map[string]string{api.TenantAnnotation: "prdo"})
 	var vols []storage.Volume
 	cacheJSON(t, &vols, "volumes")
 	var rec *storage.Volume
