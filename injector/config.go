@@ -77,6 +77,10 @@ type Config struct {
 	EnvoyMetrics bool `json:"envoyMetrics,omitempty"`
 	// ClusterID goes into DT_DEPLOYMENT_METADATA. Default empty.
 	ClusterID string `json:"clusterID,omitempty"`
+	// NoDriverNodeLabel is a node label, key or key=value, that marks nodes
+	// where the driver does not run; pods whose node selector or required
+	// node affinity admits only such nodes are not injected. Default empty.
+	NoDriverNodeLabel string `json:"noDriverNodeLabel,omitempty"`
 	// Version of oneagent-csi, for DT_DEPLOYMENT_METADATA. Set by the
 	// binary, not the file.
 	Version string `json:"-"`

@@ -85,7 +85,7 @@ func Mutate(pod *corev1.Pod, req Request, cfg *Config) (*corev1.Pod, Result) {
 		strip(out)
 	}
 	notInjected := func(format string, a ...any) (*corev1.Pod, Result) {
-		reason := fmt.Sprintf(format, a...)
+		reason := boundReason(fmt.Sprintf(format, a...))
 		setAnnotation(out, api.InjectedAnnotation, "false")
 		setAnnotation(out, api.ReasonAnnotation, reason)
 		return out, Result{Reason: reason}
@@ -103,20 +103,24 @@ func Mutate(pod *corev1.Pod, req Request, cfg *Config) (*corev1.Pod, Result) {
 		}
 	}
 
+	if why := unservable(pod, cfg); why != "" {
+		return notInjected("%s", why)
+	}
+
 	tenant := firstNonEmpty(ann[api.TenantAnnotation], cfg.DefaultTenant)
 	switch {
 	case tenant == "":
 		return notInjected("no tenant: set annotation %s or the injector's defaultTenant", api.TenantAnnotation)
 	case !api.ValidTenantName(tenant):
-		return notInjected("annotation %s: %q is not a valid tenant name", api.TenantAnnotation, tenant)
+		return notInjected("annotation %s: %s is not a valid tenant name", api.TenantAnnotation, quoteShort(tenant))
 	}
 	version := firstNonEmpty(ann[api.VersionAnnotation], cfg.DefaultVersion)
 	if version != "" && !api.ValidVersion(version) {
-		return notInjected("annotation %s: %q is not a valid version", api.VersionAnnotation, version)
+		return notInjected("annotation %s: %s is not a valid version", api.VersionAnnotation, quoteShort(version))
 	}
 	policy := FailurePolicy(firstNonEmpty(ann[FailurePolicyAnnotation], string(cfg.FailurePolicy)))
 	if policy != FailureSilent && policy != FailureFail {
-		return notInjected("annotation %s: %q is not silent or fail", FailurePolicyAnnotation, policy)
+		return notInjected("annotation %s: %s is not silent or fail", FailurePolicyAnnotation, quoteShort(string(policy)))
 	}
 
 	res := Result{Skipped: map[string]string{}}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	jsonpatch "github.com/evanphx/json-patch/v5"
 	appsv1 "k8s.io/api/apps/v1"
@@ -40,6 +41,11 @@ func appPod(edit ...func(*corev1.Pod)) *corev1.Pod {
 		e(p)
 	}
 	return p
+}
+
+func requiredAffinity(terms ...corev1.NodeSelectorTerm) *corev1.Affinity {
+	return &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{
+		RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{NodeSelectorTerms: terms}}}
 }
 
 func container(p *corev1.Pod, name string) *corev1.Container {
@@ -312,6 +318,49 @@ func TestMutate(t *testing.T) {
 		}), apps: []string{"app"}, check: func(t *testing.T, _, out *corev1.Pod) {
 			if out.Annotations[MetricsPortAnnotation] != "9000" || out.Annotations[MetricsScrapeAnnotation] != "" {
 				t.Errorf("annotations = %v", out.Annotations)
+			}
+		}},
+		{name: "windows pod by spec.os", pod: appPod(func(p *corev1.Pod) { p.Spec.OS = &corev1.PodOS{Name: corev1.Windows} }), reason: "Linux nodes only"},
+		{name: "windows pod by node selector", pod: appPod(func(p *corev1.Pod) { p.Spec.NodeSelector = map[string]string{"kubernetes.io/os": "windows"} }), reason: "excludes Linux nodes"},
+		{name: "linux node selector", pod: appPod(func(p *corev1.Pod) { p.Spec.NodeSelector = map[string]string{"kubernetes.io/os": "linux"} }), apps: []string{"app"}},
+		{name: "windows-only required affinity", pod: appPod(func(p *corev1.Pod) {
+			p.Spec.Affinity = requiredAffinity(corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{
+				{Key: "kubernetes.io/os", Operator: corev1.NodeSelectorOpIn, Values: []string{"windows"}}}})
+		}), reason: "excludes Linux nodes"},
+		{name: "affinity NotIn linux", pod: appPod(func(p *corev1.Pod) {
+			p.Spec.Affinity = requiredAffinity(corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{
+				{Key: "kubernetes.io/os", Operator: corev1.NodeSelectorOpNotIn, Values: []string{"linux"}}}})
+		}), reason: "excludes Linux nodes"},
+		{name: "one affinity term admits linux", pod: appPod(func(p *corev1.Pod) {
+			p.Spec.Affinity = requiredAffinity(
+				corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{{Key: "kubernetes.io/os", Operator: corev1.NodeSelectorOpIn, Values: []string{"windows"}}}},
+				corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{{Key: "kubernetes.io/os", Operator: corev1.NodeSelectorOpIn, Values: []string{"linux", "windows"}}}})
+		}), apps: []string{"app"}},
+		{name: "affinity on other labels only", pod: appPod(func(p *corev1.Pod) {
+			p.Spec.Affinity = requiredAffinity(corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{
+				{Key: "topology.kubernetes.io/zone", Operator: corev1.NodeSelectorOpIn, Values: []string{"a"}}}})
+		}), apps: []string{"app"}},
+		{name: "static (mirror) pod", pod: appPod(func(p *corev1.Pod) { p.Annotations["kubernetes.io/config.mirror"] = "abc" }), reason: "static pod"},
+		{name: "pod selects only nodes without the driver", cfg: testConfig(t, func(c *Config) { c.NoDriverNodeLabel = "example.com/no-oneagent=true" }),
+			pod: appPod(func(p *corev1.Pod) { p.Spec.NodeSelector = map[string]string{"example.com/no-oneagent": "true"} }), reason: "which have no driver"},
+		{name: "pod selects another value of the no-driver label", cfg: testConfig(t, func(c *Config) { c.NoDriverNodeLabel = "example.com/no-oneagent=true" }),
+			pod: appPod(func(p *corev1.Pod) { p.Spec.NodeSelector = map[string]string{"example.com/no-oneagent": "false"} }), apps: []string{"app"}},
+		{name: "affinity requires the no-driver label key", cfg: testConfig(t, func(c *Config) { c.NoDriverNodeLabel = "example.com/gpu-only" }),
+			pod: appPod(func(p *corev1.Pod) {
+				p.Spec.Affinity = requiredAffinity(corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{
+					{Key: "example.com/gpu-only", Operator: corev1.NodeSelectorOpExists}}})
+			}), reason: "which have no driver"},
+		{name: "affinity excludes the no-driver label", cfg: testConfig(t, func(c *Config) { c.NoDriverNodeLabel = "example.com/no-oneagent=true" }),
+			pod: appPod(func(p *corev1.Pod) {
+				p.Spec.Affinity = requiredAffinity(corev1.NodeSelectorTerm{MatchExpressions: []corev1.NodeSelectorRequirement{
+					{Key: "example.com/no-oneagent", Operator: corev1.NodeSelectorOpNotIn, Values: []string{"true"}}}})
+			}), apps: []string{"app"}},
+		{name: "a long invalid annotation gives a short reason", pod: appPod(func(p *corev1.Pod) {
+			p.Annotations[api.TenantAnnotation] = strings.Repeat("\u00e9\"x", 20000)
+		}), reason: "not a valid tenant name", check: func(t *testing.T, _, out *corev1.Pod) {
+			r := out.Annotations[api.ReasonAnnotation]
+			if len(r) > 256 || !utf8.ValidString(r) {
+				t.Errorf("reason is %d bytes (valid UTF-8: %t), want at most 256", len(r), utf8.ValidString(r))
 			}
 		}},
 		{name: "envoy metrics not for pods outside the mesh", cfg: testConfig(t, func(c *Config) { c.EnvoyMetrics = true }), pod: appPod(),

@@ -198,6 +198,14 @@ func TestManifests(t *testing.T) {
 		}
 	})
 
+	t.Run("node DaemonSet runs on Linux nodes only", func(t *testing.T) {
+		// The injector skips pods that cannot run on Linux nodes; the
+		// DaemonSet must not land on nodes where it cannot mount either.
+		if got := o.daemonSets["node-daemonset"].Spec.Template.Spec.NodeSelector["kubernetes.io/os"]; got != "linux" {
+			t.Errorf("node DaemonSet nodeSelector kubernetes.io/os = %q, want linux", got)
+		}
+	})
+
 	t.Run("injector config loads", func(t *testing.T) {
 		cm := o.configMaps["oneagent-csi-injector"]
 		if cm == nil {
