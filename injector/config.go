@@ -1,6 +1,7 @@
 package injector
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"slices"
@@ -58,7 +59,14 @@ type Config struct {
 	InitResources *corev1.ResourceRequirements `json:"initResources,omitempty"`
 	// InitUser is the uid and gid the init container runs as when the pod
 	// does not set its own non-root user. Default 1001 (never Istio's 1337).
-	InitUser int64 `json:"initUser,omitempty"`
+	InitUser int64 `json:"-"`
+	// InitUserInherit leaves the init container's uid and gid to the pod or
+	// the platform (OpenShift's restricted-v2 assigns one from the
+	// namespace's range and rejects a fixed one outside it). Set by
+	// `initUser: inherit`.
+	InitUserInherit bool `json:"-"`
+	// RawInitUser is the file's initUser: a uid, or "inherit".
+	RawInitUser json.RawMessage `json:"initUser,omitempty"`
 	// ConfigSizeLimit is the sizeLimit of the oneagent-config emptyDir.
 	// Default 64Mi.
 	ConfigSizeLimit *resource.Quantity `json:"configSizeLimit,omitempty"`
@@ -146,7 +154,18 @@ func (c *Config) Complete() error {
 			Limits:   corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("100m"), corev1.ResourceMemory: resource.MustParse("64Mi")},
 		}
 	}
-	if c.InitUser == 0 {
+	if len(c.RawInitUser) > 0 && c.InitUser == 0 && !c.InitUserInherit {
+		var word string
+		if err := json.Unmarshal(c.RawInitUser, &word); err == nil {
+			if word != "inherit" {
+				return fmt.Errorf("initUser: %q must be a uid or \"inherit\"", word)
+			}
+			c.InitUserInherit = true
+		} else if err := json.Unmarshal(c.RawInitUser, &c.InitUser); err != nil {
+			return fmt.Errorf("initUser: %s must be a uid or \"inherit\"", c.RawInitUser)
+		}
+	}
+	if c.InitUser == 0 && !c.InitUserInherit {
 		c.InitUser = 1001
 	}
 	if c.ConfigSizeLimit == nil {

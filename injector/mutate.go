@@ -85,6 +85,9 @@ func Mutate(pod *corev1.Pod, req Request, cfg *Config) (*corev1.Pod, Result) {
 		strip(out)
 	}
 	notInjected := func(format string, a ...any) (*corev1.Pod, Result) {
+		if ours {
+			stripPreload(out)
+		}
 		reason := boundReason(fmt.Sprintf(format, a...))
 		setAnnotation(out, api.InjectedAnnotation, "false")
 		setAnnotation(out, api.ReasonAnnotation, reason)
@@ -242,18 +245,36 @@ func injectContainer(c *corev1.Container, cfg *Config) {
 		corev1.VolumeMount{Name: api.AgentVolumeName, MountPath: cfg.InstallPath, ReadOnly: true},
 		corev1.VolumeMount{Name: api.ConfigVolumeName, MountPath: api.ConfigMountPath, SubPath: c.Name},
 	)
+	// What the user wrote stays where it is: LD_PRELOAD gets our library
+	// appended in place (once), and a DT_DEPLOYMENT_METADATA of the user's
+	// own is kept as it is.
 	lib := agentLibrary(cfg)
-	appended := false
+	preload, metadata := false, false
 	for i := range c.Env {
-		if c.Env[i].Name == LDPreloadEnv {
+		switch c.Env[i].Name {
+		case LDPreloadEnv:
 			c.Env[i].Value = appendPreload(c.Env[i].Value, lib)
-			appended = true
+			preload = true
+		case DeploymentMetadataEnv:
+			if isOurMetadata(c.Env[i]) {
+				c.Env[i].Value = deploymentMetadata(cfg)
+			}
+			metadata = true
 		}
 	}
-	if !appended {
+	if !preload {
 		c.Env = append(c.Env, corev1.EnvVar{Name: LDPreloadEnv, Value: lib})
 	}
-	c.Env = append(c.Env, corev1.EnvVar{Name: DeploymentMetadataEnv, Value: deploymentMetadata(cfg)})
+	if !metadata {
+		c.Env = append(c.Env, corev1.EnvVar{Name: DeploymentMetadataEnv, Value: deploymentMetadata(cfg)})
+	}
+}
+
+// metadataPrefix starts every DT_DEPLOYMENT_METADATA this injector writes.
+const metadataPrefix = "orchestration_tech=oneagent-csi;"
+
+func isOurMetadata(e corev1.EnvVar) bool {
+	return e.ValueFrom == nil && strings.HasPrefix(e.Value, metadataPrefix)
 }
 
 func agentLibrary(cfg *Config) string {
@@ -261,7 +282,7 @@ func agentLibrary(cfg *Config) string {
 }
 
 func deploymentMetadata(cfg *Config) string {
-	return fmt.Sprintf("orchestration_tech=oneagent-csi;script_version=%s;orchestrator_id=%s", firstNonEmpty(cfg.Version, "dev"), cfg.ClusterID)
+	return fmt.Sprintf("%sscript_version=%s;orchestrator_id=%s", metadataPrefix, firstNonEmpty(cfg.Version, "dev"), cfg.ClusterID)
 }
 
 // appendPreload appends lib to an LD_PRELOAD value (space separated, as the
@@ -287,8 +308,10 @@ func initContainer(pod *corev1.Pod, cfg *Config, policy FailurePolicy, targets [
 	for _, t := range targets {
 		args = append(args, "--container="+t)
 	}
+	// Fields the API server would default are set as it sets them, so that
+	// a reinvocation on the stored pod finds nothing to change.
 	field := func(name, path string) corev1.EnvVar {
-		return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: path}}}
+		return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: path}}}
 	}
 	sc := &corev1.SecurityContext{
 		AllowPrivilegeEscalation: ptr.To(false),
@@ -300,11 +323,12 @@ func initContainer(pod *corev1.Pod, cfg *Config, policy FailurePolicy, targets [
 	}
 	// Use the pod's own non-root user when it has one; otherwise ours. Never
 	// Istio's 1337, whose traffic iptables lets bypass the proxy.
+	// With initUser: inherit the platform assigns it (OpenShift).
 	psc := pod.Spec.SecurityContext
-	if psc == nil || psc.RunAsUser == nil || *psc.RunAsUser == 0 || *psc.RunAsUser == 1337 {
+	if !cfg.InitUserInherit && (psc == nil || psc.RunAsUser == nil || *psc.RunAsUser == 0 || *psc.RunAsUser == 1337) {
 		sc.RunAsUser = ptr.To(cfg.InitUser)
 	}
-	if psc == nil || psc.RunAsGroup == nil || *psc.RunAsGroup == 1337 {
+	if !cfg.InitUserInherit && (psc == nil || psc.RunAsGroup == nil || *psc.RunAsGroup == 1337) {
 		sc.RunAsGroup = ptr.To(cfg.InitUser)
 	}
 	return corev1.Container{
@@ -318,8 +342,10 @@ func initContainer(pod *corev1.Pod, cfg *Config, policy FailurePolicy, targets [
 			field("K8S_NAMESPACE", "metadata.namespace"),
 			field("K8S_NODE_NAME", "spec.nodeName"),
 		},
-		Resources:       *cfg.InitResources.DeepCopy(),
-		SecurityContext: sc,
+		Resources:                *cfg.InitResources.DeepCopy(),
+		SecurityContext:          sc,
+		TerminationMessagePath:   corev1.TerminationMessagePathDefault,
+		TerminationMessagePolicy: corev1.TerminationMessageReadFile,
 		VolumeMounts: []corev1.VolumeMount{
 			{Name: api.AgentVolumeName, MountPath: cfg.InstallPath, ReadOnly: true},
 			{Name: api.ConfigVolumeName, MountPath: InitConfigMountPath},
@@ -404,20 +430,13 @@ func strip(pod *corev1.Pod) {
 		c.VolumeMounts = slices.DeleteFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
 			return m.Name == api.AgentVolumeName || m.Name == api.ConfigVolumeName
 		})
+		// LD_PRELOAD is left alone: a user's may equal ours, and moving
+		// it would break variables that refer to it. Injecting again
+		// appends nothing twice (stripPreload undoes it when a pod ends up
+		// not injected).
 		c.Env = slices.DeleteFunc(c.Env, func(e corev1.EnvVar) bool {
-			if e.Name == DeploymentMetadataEnv {
-				return true
-			}
-			return e.Name == LDPreloadEnv && e.ValueFrom == nil && strings.HasSuffix(e.Value, "/"+api.AgentLibraryRelativePath) &&
-				!strings.ContainsFunc(e.Value, isPreloadSep)
+			return e.Name == DeploymentMetadataEnv && isOurMetadata(e)
 		})
-		for j := range c.Env {
-			if c.Env[j].Name == LDPreloadEnv && c.Env[j].ValueFrom == nil {
-				if k := strings.LastIndexFunc(c.Env[j].Value, isPreloadSep); k >= 0 && strings.HasSuffix(c.Env[j].Value, "/"+api.AgentLibraryRelativePath) {
-					c.Env[j].Value = c.Env[j].Value[:k]
-				}
-			}
-		}
 		if len(c.VolumeMounts) == 0 {
 			c.VolumeMounts = nil
 		}
@@ -433,6 +452,32 @@ func strip(pod *corev1.Pod) {
 	}
 	delete(pod.Annotations, api.InjectedAnnotation)
 	delete(pod.Annotations, api.ReasonAnnotation)
+}
+
+// stripPreload removes our library from the app containers' LD_PRELOAD of a
+// pod an earlier run injected and this run does not: our own variable
+// (exactly our library) goes, an appended one is cut off.
+func stripPreload(pod *corev1.Pod) {
+	for i := range pod.Spec.Containers {
+		c := &pod.Spec.Containers[i]
+		if isIstioContainer(c.Name) {
+			continue
+		}
+		c.Env = slices.DeleteFunc(c.Env, func(e corev1.EnvVar) bool {
+			return e.Name == LDPreloadEnv && e.ValueFrom == nil && strings.HasSuffix(e.Value, "/"+api.AgentLibraryRelativePath) &&
+				!strings.ContainsFunc(e.Value, isPreloadSep)
+		})
+		for j := range c.Env {
+			if c.Env[j].Name == LDPreloadEnv && c.Env[j].ValueFrom == nil {
+				if k := strings.LastIndexFunc(c.Env[j].Value, isPreloadSep); k >= 0 && strings.HasSuffix(c.Env[j].Value, "/"+api.AgentLibraryRelativePath) {
+					c.Env[j].Value = c.Env[j].Value[:k]
+				}
+			}
+		}
+		if len(c.Env) == 0 {
+			c.Env = nil
+		}
+	}
 }
 
 func setAnnotation(pod *corev1.Pod, k, v string) {
