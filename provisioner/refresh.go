@@ -2,6 +2,7 @@ package provisioner
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"time"
@@ -101,8 +102,10 @@ func (c *staleCache[T]) get(ctx context.Context, key string, fetchTimeout time.D
 	select {
 	case <-running:
 	case <-ctx.Done():
+		// The request goes on; the caller may try again (Unavailable,
+		// not a deadline of its own making).
 		var zero T
-		return zero, false, ctx.Err()
+		return zero, false, fmt.Errorf("%w: no answer yet: %w", ErrUnavailable, ctx.Err())
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -2,6 +2,7 @@ package provisioner_test
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"testing"
 	"time"
@@ -133,4 +134,22 @@ func TestStalledDownloadIsAbortedAndRetried(t *testing.T) {
 	if got := tmpEntries(t, f.layout); len(got) != 0 {
 		t.Errorf("tmp/ not clean: %v", got)
 	}
+}
+
+// A caller whose deadline ends while the first request to a tenant is still
+// out gets an error that kubelet retries (ErrUnavailable), not its own
+// deadline, and the request goes on.
+func TestWaitingForAFirstAnswerIsRetriable(t *testing.T) {
+	f := newFixture(t, nil)
+	f.srv.SetFaults(faketenant.Fault{Kind: faketenant.FaultStall, Route: faketenant.RouteMetainfo, Stall: 2 * time.Second, Count: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := f.prov.ResolveVersion(ctx, "prod", "")
+	if !errors.Is(err, provisioner.ErrUnavailable) {
+		t.Fatalf("err = %v, want ErrUnavailable", err)
+	}
+	harness.Eventually(t, 10*time.Second, "the request to go on and answer", func() bool {
+		v, err := f.prov.ResolveVersion(context.Background(), "prod", "")
+		return err == nil && v == f.srv.Latest()
+	})
 }
