@@ -40,6 +40,10 @@ type publishRequest struct {
 	// volume fail open at once (no retry can fix it); in host mode it is
 	// returned as InvalidArgument.
 	attrErr error
+	// seLinuxContext is the context= mount option kubelet passes when the
+	// CSIDriver has seLinuxMount: true and the pod has an SELinux label
+	// (empty otherwise).
+	seLinuxContext string
 }
 
 // validatePublish checks fields in the order csi-sanity expects (volume id,
@@ -62,6 +66,16 @@ func (d *Driver) validatePublish(req *csi.NodePublishVolumeRequest) (publishRequ
 	}
 	if vc.GetMount() == nil {
 		return r, invalid("volume_capability.mount", "must be set")
+	}
+	for _, f := range vc.GetMount().GetMountFlags() {
+		// Only the SELinux context is taken; the driver chooses every
+		// other mount option itself.
+		if strings.HasPrefix(f, "context=") {
+			if strings.ContainsAny(f, "\x00\n") || len(f) > 512 {
+				return r, invalid("volume_capability.mount.mount_flags", "the context= option is malformed")
+			}
+			r.seLinuxContext = f
+		}
 	}
 	r.attrs, r.attrErr = api.ParseVolumeAttributes(req.GetVolumeContext())
 	if r.attrErr != nil {
@@ -271,6 +285,11 @@ func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.V
 		options = append(options, "ro")
 	}
 	options = append(options, "nodev", "nosuid")
+	if r.seLinuxContext != "" {
+		// Files served to a confined container must carry its label, or
+		// the loader cannot map the agent library.
+		options = append(options, r.seLinuxContext)
+	}
 	if err := d.mountAt(r.target, "overlay", "overlay", options); err != nil {
 		if r.attrs.Writable {
 			_ = d.opts.Fs.RemoveAll(l.Volume(r.volumeID))

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -162,6 +163,29 @@ func TestPublishMountsReadOnlyOverlay(t *testing.T) {
 	rec, err := f.idx.GetVolume("v1")
 	if err != nil || rec.State != storage.VolumePublished || rec.PodNamespace != "ns" {
 		t.Fatalf("record %+v, %v", rec, err)
+	}
+}
+
+// kubelet passes the pod's SELinux label as a context= mount flag when the
+// CSIDriver has seLinuxMount: true; it reaches the overlay's options, and no
+// other flag does. (These machines have no SELinux, so a real mount with
+// context= would fail with EINVAL: the FakeMounter shows the options.)
+func TestPublishPassesTheSELinuxContext(t *testing.T) {
+	f := newUnit(t)
+	target := f.target("se")
+	req := request("v-se", target, nil)
+	const ctxFlag = `context="system_u:object_r:container_file_t:s0:c12,c34"`
+	req.VolumeCapability.GetMount().MountFlags = []string{ctxFlag, "exec", "suid"}
+	if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	mps, _ := f.mounter.List()
+	if len(mps) != 1 {
+		t.Fatalf("mounts = %+v", mps)
+	}
+	opts := mps[0].Opts
+	if !slices.Contains(opts, ctxFlag) || slices.Contains(opts, "exec") || slices.Contains(opts, "suid") || !slices.Contains(opts, "nosuid") {
+		t.Fatalf("overlay options %v: want the context and only our own options", opts)
 	}
 }
 

@@ -48,6 +48,16 @@ func TestDeployManifestsServerDryRun(t *testing.T) {
 		}
 	}
 
+	// The base with the egress ports component: the node's policy gains the
+	// ActiveGate and proxy ports and still passes the API server.
+	rendered := kubectl(t, "kustomize", "testdata/egress-overlay")
+	if !strings.Contains(rendered, "port: 9999") || !strings.Contains(rendered, "port: 3128") || !strings.Contains(rendered, "port: 443") {
+		t.Errorf("the egress-ports overlay does not render the extra ports:\n%s", rendered)
+	}
+	if out := kubectl(t, "apply", "--dry-run=server", "-k", "testdata/egress-overlay"); !strings.Contains(out, "networkpolicy.networking.k8s.io/oneagent-csi-node") {
+		t.Errorf("egress-ports overlay dry run lacks the node policy:\n%s", out)
+	}
+
 	dl, err := exec.Command("go", "mod", "download", "-json", "istio.io/api@"+istioAPIVersion).Output()
 	if err != nil {
 		t.Fatalf("download istio.io/api: %v", err)
@@ -76,13 +86,13 @@ func TestDeployManifestsServerDryRun(t *testing.T) {
 
 	// `oneagent-csi istio egress` output for the fake tenant passes the
 	// real API server's validation of Istio's CRDs.
-	rendered, err := exec.Command(env.bin, "istio", "egress", "--config", env.nodeCfg, "--tenant", "prod", "--namespace", "oneagent-csi").Output()
+	entries, err := exec.Command(env.bin, "istio", "egress", "--config", env.nodeCfg, "--tenant", "prod", "--namespace", "oneagent-csi").Output()
 	if err != nil {
 		t.Fatalf("istio egress: %v", err)
 	}
 	apply := kubectlCmd("apply", "--dry-run=server", "-f", "-")
-	apply.Stdin = strings.NewReader(string(rendered))
+	apply.Stdin = strings.NewReader(string(entries))
 	if out, err := apply.CombinedOutput(); err != nil || !strings.Contains(string(out), "serviceentry.networking.istio.io/oneagent-csi-prod-") {
-		t.Fatalf("rendered ServiceEntries rejected: %v\n%s\n%s", err, out, rendered)
+		t.Fatalf("rendered ServiceEntries rejected: %v\n%s\n%s", err, out, entries)
 	}
 }

@@ -4,10 +4,14 @@
 package manifests
 
 import (
+	"fmt"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -31,12 +35,15 @@ type objects struct {
 	namespaces  map[string]*corev1.Namespace
 	pdbs        []*policyv1.PodDisruptionBudget
 	drivers     []*storagev1.CSIDriver
+	policies    map[string]*networkingv1.NetworkPolicy
+	certManager map[string]map[string]any // kind/name -> object
 }
 
 func load(t *testing.T) objects {
 	t.Helper()
 	o := objects{deployments: map[string]*appsv1.Deployment{}, daemonSets: map[string]*appsv1.DaemonSet{},
-		configMaps: map[string]*corev1.ConfigMap{}, namespaces: map[string]*corev1.Namespace{}}
+		configMaps: map[string]*corev1.ConfigMap{}, namespaces: map[string]*corev1.Namespace{},
+		policies: map[string]*networkingv1.NetworkPolicy{}, certManager: map[string]map[string]any{}}
 	files, err := filepath.Glob("../../deploy/kubernetes/*.yaml")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no manifests: %v", err)
@@ -88,11 +95,22 @@ func load(t *testing.T) objects {
 			case "Secret":
 				into = &corev1.Secret{}
 			case "NetworkPolicy":
-				into = &networkingv1.NetworkPolicy{}
+				np := &networkingv1.NetworkPolicy{}
+				into = np
+				defer func() { o.policies[np.Name] = np }()
 			case "Kustomization":
 				continue // checked in TestKustomization
-			case "Issuer", "Certificate", "PrometheusRule":
-				continue // cert-manager's and the Prometheus Operator's types; not dependencies of ours
+			case "Issuer", "Certificate":
+				// cert-manager's types: not a dependency of ours, read generically.
+				var obj map[string]any
+				if err := yaml.Unmarshal([]byte(doc), &obj); err != nil {
+					t.Fatalf("%s doc %d: %v", file, i, err)
+				}
+				md, _ := obj["metadata"].(map[string]any)
+				o.certManager[meta.Kind+"/"+fmt.Sprint(md["name"])] = obj
+				continue
+			case "PrometheusRule":
+				continue // the Prometheus Operator's type
 			default:
 				t.Fatalf("%s doc %d: kind %q not checked by this test", file, i, meta.Kind)
 			}
@@ -102,6 +120,43 @@ func load(t *testing.T) objects {
 		}
 	}
 	return o
+}
+
+// egressPorts lists the ports a NetworkPolicy's egress rules allow.
+func egressPorts(np *networkingv1.NetworkPolicy) map[int]bool {
+	out := map[int]bool{}
+	if np == nil {
+		return out
+	}
+	for _, r := range np.Spec.Egress {
+		for _, p := range r.Ports {
+			if p.Port != nil {
+				out[p.Port.IntValue()] = true
+			}
+		}
+	}
+	return out
+}
+
+// urlPort is the port a URL connects to (its explicit port, else 443 for
+// https and 80 for http).
+func urlPort(t *testing.T, raw string) int {
+	t.Helper()
+	u, err := url.Parse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := u.Port(); p != "" {
+		n, err := strconv.Atoi(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if u.Scheme == "http" {
+		return 80
+	}
+	return 443
 }
 
 func name(file string) string { return strings.TrimSuffix(filepath.Base(file), ".yaml") }
@@ -203,6 +258,106 @@ func TestManifests(t *testing.T) {
 		// DaemonSet must not land on nodes where it cannot mount either.
 		if got := o.daemonSets["node-daemonset"].Spec.Template.Spec.NodeSelector["kubernetes.io/os"]; got != "linux" {
 			t.Errorf("node DaemonSet nodeSelector kubernetes.io/os = %q, want linux", got)
+		}
+	})
+
+	t.Run("CSIDriver honours SELinux labels", func(t *testing.T) {
+		if len(o.drivers) != 1 || o.drivers[0].Spec.SELinuxMount == nil || !*o.drivers[0].Spec.SELinuxMount {
+			t.Errorf("CSIDriver seLinuxMount must be true (kubelet then passes the pod's context= option)")
+		}
+	})
+
+	t.Run("node DaemonSet rolls over a fleet", func(t *testing.T) {
+		ru := o.daemonSets["node-daemonset"].Spec.UpdateStrategy.RollingUpdate
+		if ru == nil || ru.MaxUnavailable == nil || ru.MaxUnavailable.Type != intstr.String || !strings.HasSuffix(ru.MaxUnavailable.StrVal, "%") {
+			t.Errorf("maxUnavailable = %v, want a percentage (500 nodes one at a time take hours)", ru)
+		}
+	})
+
+	t.Run("node egress allows every tenant's port", func(t *testing.T) {
+		cfg := o.configMaps["oneagent-csi-node"]
+		if cfg == nil {
+			t.Fatal("no node ConfigMap")
+		}
+		var node struct {
+			Tenants []struct{ APIURL, Proxy string } `json:"tenants"`
+		}
+		if err := yaml.Unmarshal([]byte(cfg.Data["config.yaml"]), &node); err != nil {
+			t.Fatal(err)
+		}
+		allowed := egressPorts(o.policies["oneagent-csi-node"])
+		for _, tn := range node.Tenants {
+			for _, raw := range []string{tn.APIURL, tn.Proxy} {
+				if raw == "" {
+					continue
+				}
+				if port := urlPort(t, raw); !allowed[port] {
+					t.Errorf("the node NetworkPolicy does not allow egress to port %d of %s (allowed: %v)", port, raw, allowed)
+				}
+			}
+		}
+		if !allowed[53] {
+			t.Error("the node NetworkPolicy does not allow DNS")
+		}
+	})
+
+	t.Run("egress ports component adds the ActiveGate and proxy ports", func(t *testing.T) {
+		data, err := os.ReadFile("../../deploy/components/tenant-egress-ports/kustomization.yaml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var comp struct {
+			Kind    string
+			Patches []struct {
+				Target struct{ Kind, Name string }
+				Patch  string
+			}
+		}
+		if err := yaml.Unmarshal(data, &comp); err != nil || comp.Kind != "Component" || len(comp.Patches) != 1 {
+			t.Fatalf("component = %+v, %v", comp, err)
+		}
+		if tg := comp.Patches[0].Target; tg.Kind != "NetworkPolicy" || o.policies[tg.Name] == nil {
+			t.Fatalf("the component patches %s/%s, which the base does not have", tg.Kind, tg.Name)
+		}
+		var ops []struct {
+			Op, Path string
+			Value    networkingv1.NetworkPolicyEgressRule
+		}
+		if err := yaml.Unmarshal([]byte(comp.Patches[0].Patch), &ops); err != nil || len(ops) != 1 {
+			t.Fatalf("patch: %v", err)
+		}
+		got := map[int]bool{}
+		for _, p := range ops[0].Value.Ports {
+			got[p.Port.IntValue()] = true
+		}
+		if ops[0].Path != "/spec/egress/-" || !got[9999] || !got[3128] {
+			t.Errorf("the component's patch %+v does not add ports 9999 and 3128 to the egress rules", ops[0])
+		}
+	})
+
+	t.Run("cert-manager chain keeps the caBundle across leaf rotations", func(t *testing.T) {
+		leaf := o.certManager["Certificate/oneagent-csi-injector"]
+		if leaf == nil || len(o.webhooks) != 1 ||
+			o.webhooks[0].Annotations["cert-manager.io/inject-ca-from"] != "oneagent-csi/oneagent-csi-injector" {
+			t.Fatal("the webhook's caBundle must come from the injector's Certificate")
+		}
+		issuerName := leaf["spec"].(map[string]any)["issuerRef"].(map[string]any)["name"]
+		issuer := o.certManager[fmt.Sprint("Issuer/", issuerName)]
+		if issuer == nil {
+			t.Fatalf("the leaf's issuer %v is not in the manifests", issuerName)
+		}
+		ca, ok := issuer["spec"].(map[string]any)["ca"].(map[string]any)
+		if !ok {
+			t.Fatalf("the leaf's issuer %v is not a CA issuer: a self-signed leaf puts itself in the caBundle, which then changes at every rotation", issuerName)
+		}
+		var caCert map[string]any
+		for _, obj := range o.certManager {
+			if spec, _ := obj["spec"].(map[string]any); obj["kind"] == "Certificate" && spec["secretName"] == ca["secretName"] {
+				caCert = spec
+			}
+		}
+		if caCert == nil || caCert["isCA"] != true {
+			t.Fatalf("no CA Certificate writes the CA issuer's secret %v", ca["secretName"])
 		}
 	})
 
