@@ -37,6 +37,9 @@ type Provisioner interface {
 	EnsureHostDir(tenant string) (string, error)
 	// DefaultTenant is the tenant of volumes that name none, or "".
 	DefaultTenant() string
+	// TenantConfig is the configuration (and policy) of a tenant; false
+	// when it is not configured.
+	TenantConfig(name string) (provisioner.Tenant, bool)
 }
 
 // HostAllowRule admits host-mode volumes of pods in Namespace running as

@@ -48,7 +48,7 @@ func toStatus(err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, errBusy):
 		code = codes.Aborted
-	case errors.Is(err, errHostNotAllowed):
+	case errors.Is(err, errHostNotAllowed), errors.Is(err, errRefusedByPolicy):
 		code = codes.PermissionDenied
 	case errors.Is(err, provisioner.ErrInProgress), errors.Is(err, provisioner.ErrUnavailable),
 		errors.Is(err, provisioner.ErrBadArchive):

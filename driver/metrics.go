@@ -17,7 +17,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"operation", "mode", "code"}),
 		failOpen: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "oneagent_csi_fail_open_total",
-			Help: "Volumes published as an empty directory (the pod starts without the agent), by reason: retry_timeout, invalid_attributes, unknown_tenant, version_not_found.",
+			Help: "Volumes published as an empty directory (the pod starts without the agent), by reason: retry_timeout, invalid_attributes, unknown_tenant, version_not_found, refused_by_policy.",
 		}, []string{"reason"}),
 		inFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "oneagent_csi_operations_in_flight",

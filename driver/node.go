@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -183,15 +184,18 @@ func (d *Driver) publish(ctx context.Context, r publishRequest) error {
 	rec.TargetPath, rec.Mode, rec.Tenant, rec.Writable = r.target, r.attrs.Mode, r.attrs.Tenant, r.attrs.Writable
 	rec.ReadOnly = !r.attrs.Writable
 	rec.PodName, rec.PodNamespace, rec.PodUID, rec.ServiceAccount = r.attrs.PodName, r.attrs.PodNamespace, r.attrs.PodUID, r.attrs.ServiceAccount
+	rec.Pinned = r.attrs.Version != "" && r.attrs.Version != "latest"
 
+	cause := r.attrErr
+	if cause == nil {
+		cause = d.checkPolicy(r)
+	}
 	if r.attrs.Mode == api.ModeHost {
-		if r.attrErr != nil {
-			return r.attrErr
+		if cause != nil {
+			return cause
 		}
 		return d.publishHost(ctx, r, rec)
 	}
-
-	cause := r.attrErr
 	if cause == nil {
 		if cause = d.publishApp(ctx, r, rec); cause == nil {
 			return nil
@@ -228,7 +232,41 @@ const (
 	FailOpenUnknownTenant = "unknown_tenant"
 	// FailOpenVersionNotFound: the tenant does not have the version.
 	FailOpenVersionNotFound = "version_not_found"
+	// FailOpenRefusedByPolicy: the tenant's policy refuses the volume
+	// (namespace, version pin, writable).
+	FailOpenRefusedByPolicy = "refused_by_policy"
 )
+
+// checkPolicy applies the tenant's policy to the request; an unknown tenant
+// is left to the provisioner (ErrUnknownTenant).
+func (d *Driver) checkPolicy(r publishRequest) error {
+	t, ok := d.opts.Provisioner.TenantConfig(r.attrs.Tenant)
+	if !ok {
+		return nil
+	}
+	req := policyRequest{namespace: r.attrs.PodNamespace, pin: r.attrs.Version, writable: r.attrs.Writable}
+	if t.MaxPinnedVersions > 0 && req.pin != "" && req.pin != "latest" {
+		req.pinnedInUse = d.pinnedInUse(r.attrs.Tenant, r.volumeID)
+	}
+	return checkTenantPolicy(t, req)
+}
+
+// pinnedInUse lists the distinct versions of tenant that other volumes on
+// this node pin.
+func (d *Driver) pinnedInUse(tenant, exceptVolume string) []string {
+	vols, err := d.opts.Index.ListVolumes()
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, v := range vols {
+		if v.Tenant == tenant && v.Pinned && v.ID != exceptVolume && v.Version != "" && v.State != storage.VolumeFailedOpen &&
+			!slices.Contains(out, v.Version) {
+			out = append(out, v.Version)
+		}
+	}
+	return out
+}
 
 // finalFailure returns the fail-open reason of an error no retry can fix, or
 // "" for errors that may go away.
@@ -241,6 +279,8 @@ func finalFailure(err error) string {
 		return FailOpenInvalidAttributes
 	case errors.Is(err, provisioner.ErrNotFound):
 		return FailOpenVersionNotFound
+	case errors.Is(err, errRefusedByPolicy):
+		return FailOpenRefusedByPolicy
 	}
 	return ""
 }

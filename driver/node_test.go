@@ -33,6 +33,8 @@ type fakeProvisioner struct {
 	// then ErrInProgress.
 	download bool
 	waiting  int
+	// policy replaces the tenant's config (and policy).
+	policy *provisioner.Tenant
 }
 
 func (f *fakeProvisioner) Prepare(ctx context.Context, tenant, pin string) (provisioner.Prepared, error) {
@@ -54,6 +56,15 @@ func (f *fakeProvisioner) Prepare(ctx context.Context, tenant, pin string) (prov
 	return provisioner.Prepared{Tenant: tenant, Version: "1.2.3",
 		Artifact: storage.Artifact{ID: strings.Repeat("a", 64)}, Layer: storage.TenantLayer{Tenant: tenant, Rev: "r1-x"},
 		ArtifactDir: "artifacts/" + strings.Repeat("a", 64) + "/tree", LayerDir: "tenants/" + tenant + "/r1-x/tree"}, nil
+}
+
+func (f *fakeProvisioner) TenantConfig(name string) (provisioner.Tenant, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.policy != nil && f.policy.Name == name {
+		return *f.policy, true
+	}
+	return provisioner.Tenant{Name: name}, slices.Contains(f.tenants, name)
 }
 
 func (f *fakeProvisioner) EnsureHostDir(tenant string) (string, error) { return "host/" + tenant, nil }
@@ -192,6 +203,7 @@ func TestPublishPassesTheSELinuxContext(t *testing.T) {
 func TestPublishWritableCreatesUpperAndWork(t *testing.T) {
 	f := newUnit(t)
 	target := f.target("w")
+	f.prov.policy = &provisioner.Tenant{Name: "prod", AllowWritable: true}
 	req := request("v-w", target, map[string]string{"writable": "true"})
 	req.Readonly = false
 	if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {

@@ -46,6 +46,23 @@ type Tenant struct {
 	CAFile string `json:"caFile,omitempty"`
 	// Proxy is an optional HTTPS proxy URL; empty uses HTTPS_PROXY/NO_PROXY.
 	Proxy string `json:"proxy,omitempty"`
+
+	// Namespaces may use this tenant: names and globs such as "team-a-*"
+	// (path.Match syntax, no labels). Empty: every namespace, so a
+	// single-tenant install works as it is.
+	Namespaces []string `json:"namespaces,omitempty"`
+	// VersionPins says which versions a volume may pin with its version
+	// attribute: ["any"] (the default when empty), ["none"], or a list of
+	// versions. "latest" is always allowed (it is no pin).
+	VersionPins []string `json:"versionPins,omitempty"`
+	// MaxPinnedVersions is the most distinct pinned versions of this tenant
+	// in use on a node at once (each up to limits.maxBytes on disk, and
+	// exempt from the cache budget while in use). Default 0: no limit.
+	MaxPinnedVersions int `json:"maxPinnedVersions,omitempty"`
+	// AllowWritable lets volumes of this tenant ask for writable: "true" (a
+	// per-volume upper dir under the data dir, outside kubelet's
+	// ephemeral-storage accounting). Default false: refused.
+	AllowWritable bool `json:"allowWritable,omitempty"`
 }
 
 // ClientOptions tune a tenant client.

@@ -219,6 +219,15 @@ func (p *Provisioner) DefaultTenant() string {
 	return ""
 }
 
+// TenantConfig returns a configured tenant's settings and policy.
+func (p *Provisioner) TenantConfig(name string) (Tenant, bool) {
+	c, ok := p.clients[name]
+	if !ok {
+		return Tenant{}, false
+	}
+	return c.Tenant(), true
+}
+
 func (p *Provisioner) client(tenant string) (*Client, error) {
 	c, ok := p.clients[tenant]
 	if !ok {

@@ -62,23 +62,25 @@ const (
 
 // Volume is the record of one published (or being published) volume.
 type Volume struct {
-	ID             string      `json:"id"`
-	TargetPath     string      `json:"targetPath"`
-	Mode           api.Mode    `json:"mode"`
-	State          VolumeState `json:"state"`
-	Tenant         string      `json:"tenant,omitempty"`
-	Version        string      `json:"version,omitempty"`
-	ArtifactID     string      `json:"artifactID,omitempty"`
-	LayerRev       string      `json:"layerRev,omitempty"`
-	Writable       bool        `json:"writable,omitempty"`
-	ReadOnly       bool        `json:"readOnly"`
-	PodName        string      `json:"podName,omitempty"`
-	PodNamespace   string      `json:"podNamespace,omitempty"`
-	PodUID         string      `json:"podUID,omitempty"`
-	ServiceAccount string      `json:"serviceAccount,omitempty"`
-	FirstAttempt   time.Time   `json:"firstAttempt"`
-	PublishedAt    time.Time   `json:"publishedAt,omitzero"`
-	Reason         string      `json:"reason,omitempty"`
+	ID         string      `json:"id"`
+	TargetPath string      `json:"targetPath"`
+	Mode       api.Mode    `json:"mode"`
+	State      VolumeState `json:"state"`
+	Tenant     string      `json:"tenant,omitempty"`
+	Version    string      `json:"version,omitempty"`
+	// Pinned is set when the volume's version attribute pins a version.
+	Pinned         bool      `json:"pinned,omitempty"`
+	ArtifactID     string    `json:"artifactID,omitempty"`
+	LayerRev       string    `json:"layerRev,omitempty"`
+	Writable       bool      `json:"writable,omitempty"`
+	ReadOnly       bool      `json:"readOnly"`
+	PodName        string    `json:"podName,omitempty"`
+	PodNamespace   string    `json:"podNamespace,omitempty"`
+	PodUID         string    `json:"podUID,omitempty"`
+	ServiceAccount string    `json:"serviceAccount,omitempty"`
+	FirstAttempt   time.Time `json:"firstAttempt"`
+	PublishedAt    time.Time `json:"publishedAt,omitzero"`
+	Reason         string    `json:"reason,omitempty"`
 	// Adopted is set for records rebuilt from mountinfo, whose pod details are
 	// unknown.
 	Adopted bool `json:"adopted,omitempty"`

@@ -215,6 +215,9 @@ func (c *NodeConfig) validate() error {
 		if t.TokenFile == "" {
 			return fmt.Errorf("tenants[%d].tokenFile: must be set", i)
 		}
+		if err := driver.ValidateTenantPolicy(t); err != nil {
+			return fmt.Errorf("tenants[%d].%w", i, err)
+		}
 	}
 	return nil
 }

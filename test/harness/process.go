@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"sigs.k8s.io/yaml"
 
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 )
 
@@ -33,7 +34,17 @@ type ProcessEnv struct {
 // merged into the config (e.g. "cache").
 func NewProcessEnv(t testing.TB, opts faketenant.Options, prefetch bool, extra ...map[string]any) *ProcessEnv {
 	t.Helper()
+	return NewProcessEnvWithTenant(t, opts, prefetch, nil, extra...)
+}
+
+// NewProcessEnvWithTenant is NewProcessEnv with the tenant's config edited
+// (its policy, for example) before the config file is written.
+func NewProcessEnvWithTenant(t testing.TB, opts faketenant.Options, prefetch bool, edit func(*provisioner.Tenant), extra ...map[string]any) *ProcessEnv {
+	t.Helper()
 	srv, tenant := StartTenant(t, opts)
+	if edit != nil {
+		edit(&tenant)
+	}
 	e := &ProcessEnv{t: t, Tenant: srv, DataDir: t.TempDir(), Targets: t.TempDir()}
 	t.Cleanup(func() { UnmountAllBelow(t, e.Targets) })
 	sockets := t.TempDir()

@@ -20,6 +20,7 @@ import (
 	"k8s.io/mount-utils"
 
 	"github.com/oneagent-csi/oneagent-csi/driver"
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 	"github.com/oneagent-csi/oneagent-csi/test/harness"
@@ -116,7 +117,7 @@ func TestPublishServesAgentReadOnly(t *testing.T) {
 
 func TestWritableOverlay(t *testing.T) {
 	harness.RequireRoot(t)
-	n := harness.Start(t, harness.Config{})
+	n := harness.Start(t, harness.Config{Provisioner: allowWritable})
 	ctx := harness.Ctx(t)
 	target := harness.Target(n.TargetRoot, "w")
 	req := harness.PublishRequest("vol-w", target, map[string]string{"writable": "true"})
@@ -173,6 +174,9 @@ func TestHostModeAllowList(t *testing.T) {
 		t.Fatalf("target left behind: %v", err)
 	}
 }
+
+// allowWritable lets the test tenant's volumes be writable (off by default).
+func allowWritable(o *provisioner.Options) { o.Tenants[0].AllowWritable = true }
 
 // failedOpenEmpty checks that target is an empty read-only dir and the
 // record says failedOpen with a reason containing want.
@@ -242,7 +246,7 @@ func TestInvalidAttributesFailOpenAtOnce(t *testing.T) {
 // like any other error and fails open after retryTimeout.
 func TestFailingMountFailsOpenAfterRetryTimeout(t *testing.T) {
 	harness.RequireRoot(t)
-	n := harness.Start(t, harness.Config{})
+	n := harness.Start(t, harness.Config{Provisioner: allowWritable})
 	ctx := harness.Ctx(t)
 	// Room for the volume's own dir, none for its upper and work dirs.
 	volumes := n.Layout.Abs(n.Layout.VolumesDir())

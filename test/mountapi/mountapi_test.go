@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/mount-utils"
 
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 	"github.com/oneagent-csi/oneagent-csi/test/harness"
 )
@@ -95,7 +96,7 @@ func TestEveryMountKindOnEveryPath(t *testing.T) {
 	}
 	for _, v := range variants {
 		t.Run(v.name, func(t *testing.T) {
-			e := harness.NewProcessEnv(t, faketenant.Options{}, false, map[string]any{
+			e := harness.NewProcessEnvWithTenant(t, faketenant.Options{}, false, func(t *provisioner.Tenant) { t.AllowWritable = true }, map[string]any{
 				"mountAPI":  v.mountAPI,
 				"hostAllow": []any{map[string]any{"namespace": "default"}},
 			})
