@@ -334,3 +334,26 @@ func TestUnknownTenantFailsOpenAtOnce(t *testing.T) {
 	}
 	deletePod(ctx, t, "typo", running.Name)
 }
+
+// A pod in a namespace outside a tenant's list that asks for that tenant
+// (another team's) runs without the agent at once, the reason visible.
+func TestNamespaceOutsideATenantsListFailsOpen(t *testing.T) {
+	ctx := setup(t)
+	if err := env.c.EnsureNamespace(ctx, "team-a-shop", map[string]string{api.InjectLabel: "true"}); err != nil {
+		t.Fatal(err)
+	}
+	running, target := runWithEmptyAgentDir(ctx, t, "team-a-shop", map[string]string{api.TenantAnnotation: "team-b"})
+	var vols []storage.Volume
+	cacheJSON(t, &vols, "volumes")
+	var rec *storage.Volume
+	for i := range vols {
+		if vols[i].TargetPath == target {
+			rec = &vols[i]
+		}
+	}
+	if rec == nil || rec.State != storage.VolumeFailedOpen || !strings.Contains(rec.Reason, "refused_by_policy") ||
+		!strings.Contains(rec.Reason, `namespace "team-a-shop" may not use tenant "team-b"`) {
+		t.Fatalf("record of %s = %+v; want failedOpen refused by the tenant's policy", target, rec)
+	}
+	deletePod(ctx, t, "team-a-shop", running.Name)
+}
