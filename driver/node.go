@@ -313,14 +313,10 @@ func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.V
 	lower := l.Abs(prep.LayerDir) + ":" + l.Abs(prep.ArtifactDir)
 	options := []string{"lowerdir=" + lower}
 	if r.attrs.Writable {
-		upper, work := l.VolumeUpper(r.volumeID), l.VolumeWork(r.volumeID)
-		for _, dir := range []string{upper, work} {
-			if err := d.opts.Fs.MkdirAll(dir, 0o755); err != nil {
-				_ = d.opts.Fs.RemoveAll(l.Volume(r.volumeID))
-				return fmt.Errorf("create %s: %w", dir, err)
-			}
+		if err := d.makeWritableLayer(r); err != nil {
+			return err
 		}
-		options = append(options, "upperdir="+l.Abs(upper), "workdir="+l.Abs(work))
+		options = append(options, "upperdir="+l.Abs(l.VolumeUpper(r.volumeID)), "workdir="+l.Abs(l.VolumeWork(r.volumeID)))
 	} else {
 		options = append(options, "ro")
 	}
@@ -332,7 +328,7 @@ func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.V
 	}
 	if err := d.mountAt(r.target, "overlay", "overlay", options); err != nil {
 		if r.attrs.Writable {
-			_ = d.opts.Fs.RemoveAll(l.Volume(r.volumeID))
+			d.removeWritableLayer(r.volumeID)
 		}
 		return err
 	}
@@ -344,6 +340,49 @@ func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.V
 	}
 	klog.FromContext(ctx).V(1).Info("published", "version", prep.Version, "artifact", prep.Artifact.ID, "rev", prep.Layer.Rev)
 	return nil
+}
+
+// makeWritableLayer makes volumes/<id>/ a tmpfs of the tenant's
+// writableSize holding the overlay's upper and work dirs: writes beyond the
+// cap fail with ENOSPC instead of filling the node's disk, and the pages
+// count against the writing pod's memory. On failure nothing is left.
+func (d *Driver) makeWritableLayer(r publishRequest) error {
+	l := d.opts.Layout
+	t, _ := d.opts.Provisioner.TenantConfig(r.attrs.Tenant)
+	size, err := writableSize(t)
+	if err != nil {
+		return err
+	}
+	dir := l.Volume(r.volumeID)
+	if err := d.opts.Fs.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	mounted, err := d.isMounted(l.Abs(dir))
+	if err != nil {
+		return err
+	}
+	if !mounted {
+		opts := []string{fmt.Sprintf("size=%d", size), "mode=0755", "nodev", "nosuid"}
+		if err := d.opts.Mounter.Mount("oneagent-csi-writable", l.Abs(dir), "tmpfs", opts); err != nil {
+			_ = d.opts.Fs.RemoveAll(dir)
+			return fmt.Errorf("mount the writable layer of %s: %w", r.volumeID, err)
+		}
+	}
+	for _, sub := range []string{l.VolumeUpper(r.volumeID), l.VolumeWork(r.volumeID)} {
+		if err := d.opts.Fs.MkdirAll(sub, 0o755); err != nil {
+			d.removeWritableLayer(r.volumeID)
+			return fmt.Errorf("create %s: %w", sub, err)
+		}
+	}
+	return nil
+}
+
+// removeWritableLayer unmounts a volume's writable layer and removes its dir;
+// it is not an error when there is none.
+func (d *Driver) removeWritableLayer(volumeID string) {
+	dir := d.opts.Layout.Volume(volumeID)
+	_ = d.opts.Mounter.Unmount(d.opts.Layout.Abs(dir))
+	_ = d.opts.Fs.RemoveAll(dir)
 }
 
 // mountAt creates target (kubelet leaves that to the driver) and mounts; on
@@ -472,6 +511,9 @@ func (d *Driver) unpublish(ctx context.Context, id, target string) error {
 	}
 	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove target %s: %w", target, err)
+	}
+	if err := d.opts.Mounter.Unmount(d.opts.Layout.Abs(d.opts.Layout.Volume(id))); err != nil {
+		return fmt.Errorf("%w: writable layer of %s: %w", errUnmount, id, err)
 	}
 	if err := d.opts.Fs.RemoveAll(d.opts.Layout.Volume(id)); err != nil {
 		return fmt.Errorf("remove writable layer of %s: %w", id, err)

@@ -203,7 +203,7 @@ func TestPublishPassesTheSELinuxContext(t *testing.T) {
 func TestPublishWritableCreatesUpperAndWork(t *testing.T) {
 	f := newUnit(t)
 	target := f.target("w")
-	f.prov.policy = &provisioner.Tenant{Name: "prod", AllowWritable: true}
+	f.prov.policy = &provisioner.Tenant{Name: "prod", AllowWritable: true, WritableSize: "16Mi"}
 	req := request("v-w", target, map[string]string{"writable": "true"})
 	req.Readonly = false
 	if _, err := f.d.NodePublishVolume(context.Background(), req); err != nil {
@@ -215,11 +215,18 @@ func TestPublishWritableCreatesUpperAndWork(t *testing.T) {
 		}
 	}
 	mps, _ := f.mounter.List()
-	if opts := strings.Join(mps[0].Opts, ","); !strings.Contains(opts, "upperdir=") || strings.Contains(","+opts+",", ",ro,") {
+	if len(mps) != 2 || mps[0].Type != "tmpfs" || mps[0].Path != "/var/lib/oneagent-csi/volumes/v-w" ||
+		!slices.Contains(mps[0].Opts, "size=16777216") {
+		t.Fatalf("mounts = %+v; want the writable layer as a 16 MiB tmpfs, then the overlay", mps)
+	}
+	if opts := strings.Join(mps[1].Opts, ","); mps[1].Type != "overlay" || !strings.Contains(opts, "upperdir=") || strings.Contains(","+opts+",", ",ro,") {
 		t.Fatalf("writable overlay options %q", opts)
 	}
 	if _, err := f.d.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: "v-w", TargetPath: target}); err != nil {
 		t.Fatal(err)
+	}
+	if mps, _ := f.mounter.List(); len(mps) != 0 {
+		t.Errorf("mounts left after unpublish: %+v", mps)
 	}
 	if ok, _ := afero.DirExists(f.fs, "volumes/v-w"); ok {
 		t.Error("per-volume dir left after unpublish")

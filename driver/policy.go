@@ -6,6 +6,8 @@ import (
 	"path"
 	"slices"
 
+	"k8s.io/apimachinery/pkg/api/resource"
+
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 )
@@ -72,5 +74,24 @@ func ValidateTenantPolicy(t provisioner.Tenant) error {
 	if t.MaxPinnedVersions < 0 {
 		return fmt.Errorf("maxPinnedVersions: %d must not be negative", t.MaxPinnedVersions)
 	}
+	if _, err := writableSize(t); err != nil {
+		return err
+	}
 	return nil
+}
+
+// DefaultWritableSize caps a writable volume's upper layer when the tenant
+// sets no writableSize.
+const DefaultWritableSize = 64 << 20
+
+// writableSize is the tenant's cap of a writable volume's upper layer.
+func writableSize(t provisioner.Tenant) (int64, error) {
+	if t.WritableSize == "" {
+		return DefaultWritableSize, nil
+	}
+	q, err := resource.ParseQuantity(t.WritableSize)
+	if err != nil || q.Value() < 1<<20 {
+		return 0, fmt.Errorf("writableSize: %q must be a size of at least 1Mi, such as 64Mi", t.WritableSize)
+	}
+	return q.Value(), nil
 }

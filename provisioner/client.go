@@ -59,10 +59,14 @@ type Tenant struct {
 	// in use on a node at once (each up to limits.maxBytes on disk, and
 	// exempt from the cache budget while in use). Default 0: no limit.
 	MaxPinnedVersions int `json:"maxPinnedVersions,omitempty"`
-	// AllowWritable lets volumes of this tenant ask for writable: "true" (a
-	// per-volume upper dir under the data dir, outside kubelet's
-	// ephemeral-storage accounting). Default false: refused.
+	// AllowWritable lets volumes of this tenant ask for writable: "true".
+	// Default false: refused.
 	AllowWritable bool `json:"allowWritable,omitempty"`
+	// WritableSize caps a writable volume's upper layer (a quantity such as
+	// "64Mi"): it is a tmpfs of this size, so writes beyond it fail with
+	// ENOSPC, and its pages count against the writing pod's memory, which
+	// kubelet accounts, instead of filling the node's disk. Default 64Mi.
+	WritableSize string `json:"writableSize,omitempty"`
 }
 
 // ClientOptions tune a tenant client.

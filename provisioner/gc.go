@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spf13/afero"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 
@@ -488,7 +489,7 @@ func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []st
 				return nil, err
 			}
 			if !upperInUse[storage.VolumeDirName(v.ID)] {
-				_ = p.opts.Fs.RemoveAll(p.opts.Layout.Volume(v.ID))
+				p.removeVolumeDir(storage.VolumeDirName(v.ID))
 			}
 			klog.FromContext(ctx).Info("removed record of a volume that is no longer mounted", "volumeID", v.ID,
 				"target", v.TargetPath, "pod", klog.KRef(v.PodNamespace, v.PodName), "state", v.State, "reason", ReasonOrphanRecord)
@@ -519,7 +520,7 @@ func (p *Provisioner) sweepVolumeDirs(ctx context.Context, rep *GCReport, vols [
 			continue
 		}
 		if !dryRun {
-			if err := fsys.RemoveAll(filepath.Join(l.VolumesDir(), name)); err != nil {
+			if err := p.removeVolumeDir(name); err != nil {
 				return err
 			}
 			klog.FromContext(ctx).Info("removed a per-volume dir no record or mount uses", "dir", name, "reason", ReasonOrphanRecord)
@@ -527,6 +528,14 @@ func (p *Provisioner) sweepVolumeDirs(ctx context.Context, rep *GCReport, vols [
 		rep.Deleted = append(rep.Deleted, GCDeletion{Kind: "volume-dir", ID: name, Reason: ReasonOrphanRecord})
 	}
 	return nil
+}
+
+// removeVolumeDir detaches a volume's writable layer (a tmpfs mounted on
+// its dir) and removes the dir.
+func (p *Provisioner) removeVolumeDir(name string) error {
+	dir := filepath.Join(p.opts.Layout.VolumesDir(), name)
+	_ = unix.Unmount(p.opts.Layout.Abs(dir), unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW)
+	return p.opts.Fs.RemoveAll(dir)
 }
 
 // CompareVersions orders code module versions such as

@@ -369,6 +369,8 @@ func reconcile(idx *Index, o *ReconcileOptions, rep *ReconcileReport) error {
 			if referenced[d.Name()] || uppers[filepath.Join(l.Abs(l.VolumesDir()), d.Name(), volumeUpperName)] {
 				continue
 			}
+			// A writable layer is a tmpfs on the dir: detach it first.
+			_ = o.Unmount(filepath.Join(l.Abs(l.VolumesDir()), d.Name()))
 			if err := fs.RemoveAll(filepath.Join(l.VolumesDir(), d.Name())); err != nil {
 				return err
 			}

@@ -115,9 +115,14 @@ func TestPublishServesAgentReadOnly(t *testing.T) {
 	}
 }
 
+// A writable volume's writes land in its own upper layer, capped at the
+// tenant's writableSize (a tmpfs: writes beyond it fail with ENOSPC), and
+// unpublish leaves no mount and no dir.
 func TestWritableOverlay(t *testing.T) {
 	harness.RequireRoot(t)
-	n := harness.Start(t, harness.Config{Provisioner: allowWritable})
+	n := harness.Start(t, harness.Config{Provisioner: func(o *provisioner.Options) {
+		o.Tenants[0].AllowWritable, o.Tenants[0].WritableSize = true, "2Mi"
+	}})
 	ctx := harness.Ctx(t)
 	target := harness.Target(n.TargetRoot, "w")
 	req := harness.PublishRequest("vol-w", target, map[string]string{"writable": "true"})
@@ -132,10 +137,21 @@ func TestWritableOverlay(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(upper, "agent/scratch")); err != nil {
 		t.Fatalf("write did not land in the per-volume upper dir: %v", err)
 	}
+	err := os.WriteFile(filepath.Join(target, "agent/big"), make([]byte, 4<<20), 0o644)
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("writing 4 MiB into a 2 MiB writable layer: %v, want ENOSPC", err)
+	}
+	layer := n.Layout.Abs(n.Layout.Volume("vol-w"))
+	if m, ok := mountOf(t, layer); !ok || m.FsType != "tmpfs" {
+		t.Fatalf("the writable layer is not a size-limited tmpfs: %+v", m)
+	}
 	if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-w", TargetPath: target}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(n.Layout.Abs(n.Layout.Volume("vol-w"))); !errors.Is(err, os.ErrNotExist) {
+	if _, ok := mountOf(t, layer); ok {
+		t.Fatal("the writable layer is still mounted after unpublish")
+	}
+	if _, err := os.Stat(layer); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("per-volume dir left behind: %v", err)
 	}
 }
@@ -248,9 +264,9 @@ func TestFailingMountFailsOpenAfterRetryTimeout(t *testing.T) {
 	harness.RequireRoot(t)
 	n := harness.Start(t, harness.Config{Provisioner: allowWritable})
 	ctx := harness.Ctx(t)
-	// Room for the volume's own dir, none for its upper and work dirs.
+	// No room for the volume's own dir.
 	volumes := n.Layout.Abs(n.Layout.VolumesDir())
-	if err := syscall.Mount("tmpfs", volumes, "tmpfs", 0, "nr_inodes=2,size=64k"); err != nil {
+	if err := syscall.Mount("tmpfs", volumes, "tmpfs", 0, "nr_inodes=1,size=64k"); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = syscall.Unmount(volumes, syscall.MNT_DETACH) })
