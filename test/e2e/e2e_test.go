@@ -164,7 +164,7 @@ func startNode(ctx context.Context, work string) error {
 		"nodeID": cluster.NodeName, "dataDir": env.dataDir, "csiSocket": env.csiSocket, "kubeletSocket": env.csiSocket,
 		"registrationDir": filepath.Join(env.c.KubeletRoot, "plugins_registry"), "httpAddr": "127.0.0.1:0", "adminSocket": env.adminSock,
 		"publishWait": "5s", "kubeletDir": env.c.KubeletRoot,
-		"client":  map[string]any{"attempts": 2, "backoffBase": "100ms", "backoffMax": "500ms", "requestTimeout": "5s"},
+		"client": map[string]any{"attempts": 2, "backoffBase": "100ms", "backoffMax": "500ms", "requestTimeout": "5s"},
 		"tenants": []any{map[string]any{"name": "prod", "apiURL": env.tenant.URL, "tokenFile": tokenFile, "caFile": caFile},
 			// A second team's tenant: only its own namespaces may use it.
 			map[string]any{"name": "team-b", "apiURL": env.tenant.URL, "tokenFile": tokenFile, "caFile": caFile,
