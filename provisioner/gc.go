@@ -489,7 +489,10 @@ func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []st
 				return nil, err
 			}
 			if !upperInUse[storage.VolumeDirName(v.ID)] {
-				p.removeVolumeDir(storage.VolumeDirName(v.ID))
+				if err := p.removeVolumeDir(storage.VolumeDirName(v.ID)); err != nil {
+					// The record is gone; sweepVolumeDirs tries the dir again.
+					klog.FromContext(ctx).Error(err, "removing the writable layer of a swept volume", "volumeID", v.ID)
+				}
 			}
 			klog.FromContext(ctx).Info("removed record of a volume that is no longer mounted", "volumeID", v.ID,
 				"target", v.TargetPath, "pod", klog.KRef(v.PodNamespace, v.PodName), "state", v.State, "reason", ReasonOrphanRecord)

@@ -291,6 +291,20 @@ func runWithEmptyAgentDir(ctx context.Context, t *testing.T, namespace string, a
 	return running, target
 }
 
+// volumeRecord is the node's record of the volume at target (from
+// `oneagent-csi cache volumes`), or nil.
+func volumeRecord(t *testing.T, target string) *storage.Volume {
+	t.Helper()
+	var vols []storage.Volume
+	cacheJSON(t, &vols, "volumes")
+	for i := range vols {
+		if vols[i].TargetPath == target {
+			return &vols[i]
+		}
+	}
+	return nil
+}
+
 func mustRead(t *testing.T, path string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(path)
@@ -310,14 +324,7 @@ func TestUnknownTenantFailsOpenAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	running, target := runWithEmptyAgentDir(ctx, t, "typo", map[string]string{api.TenantAnnotation: "prdo"})
-	var vols []storage.Volume
-	cacheJSON(t, &vols, "volumes")
-	var rec *storage.Volume
-	for i := range vols {
-		if vols[i].TargetPath == target {
-			rec = &vols[i]
-		}
-	}
+	rec := volumeRecord(t, target)
 	if rec == nil || rec.State != storage.VolumeFailedOpen || !strings.Contains(rec.Reason, "unknown_tenant") || !strings.Contains(rec.Reason, `"prdo"`) {
 		t.Fatalf("record of %s = %+v; want failedOpen naming the unknown tenant", target, rec)
 	}
@@ -343,14 +350,7 @@ func TestNamespaceOutsideATenantsListFailsOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	running, target := runWithEmptyAgentDir(ctx, t, "team-a-shop", map[string]string{api.TenantAnnotation: "team-b"})
-	var vols []storage.Volume
-	cacheJSON(t, &vols, "volumes")
-	var rec *storage.Volume
-	for i := range vols {
-		if vols[i].TargetPath == target {
-			rec = &vols[i]
-		}
-	}
+	rec := volumeRecord(t, target)
 	if rec == nil || rec.State != storage.VolumeFailedOpen || !strings.Contains(rec.Reason, "refused_by_policy") ||
 		!strings.Contains(rec.Reason, `namespace "team-a-shop" may not use tenant "team-b"`) {
 		t.Fatalf("record of %s = %+v; want failedOpen refused by the tenant's policy", target, rec)
