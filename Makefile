@@ -8,7 +8,7 @@ GOLANGCI_LINT_VERSION ?= v2.15.0
 # Packages whose tests need root (real mounts); they skip when not root.
 PKGS := ./...
 
-.PHONY: help build test unit e2e demo bench lint fmt vet run clean
+.PHONY: help build test unit e2e demo bench bench-e2e lint fmt vet run clean
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z0-9_-]+:.*## /{printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,10 @@ unit: ## run the tests that need neither root nor the binary
 bench: build ## run the benchmarks (see BENCHMARKS.md)
 	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -run '^$$' -bench . -benchtime 3x -count 1 -timeout 60m ./test/bench/
 	$(GO) test -run '^$$' -bench . -count 1 ./injector/
+
+bench-e2e: build ## pod start with and without injection, 20 pods at once, on the real cluster (root; see BENCHMARKS.md)
+	cd test/e2e && E2E_K8S_BIN=$$(scripts/build-k8s.sh) && \
+	  E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -run '^$$' -bench PodStart -benchtime 3x -timeout 30m .
 
 lint: ## gofmt, go vet and golangci-lint
 	test -z "$$(gofmt -l $$(git ls-files '*.go'))"
