@@ -2,6 +2,7 @@ package provisioner
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/spf13/afero"
 	"golang.org/x/sys/unix"
@@ -12,29 +13,25 @@ import (
 // fsync per file would cost a journal commit each for ~15,000 files. On an
 // in-memory filesystem it does nothing.
 func syncFilesystem(fsys afero.Fs, path string) error {
+	return withOSFile(fsys, path, "syncfs", func(f *os.File) error { return unix.Syncfs(int(f.Fd())) })
+}
+
+// syncDir makes a rename into dir durable.
+func syncDir(fsys afero.Fs, dir string) error {
+	return withOSFile(fsys, dir, "fsync", (*os.File).Sync)
+}
+
+// withOSFile opens path and runs call on the OS file behind it; on an
+// in-memory filesystem there is none and it does nothing.
+func withOSFile(fsys afero.Fs, path, op string, call func(*os.File) error) error {
 	f, err := fsys.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
 	if osf := osFile(f); osf != nil {
-		if err := unix.Syncfs(int(osf.Fd())); err != nil {
-			return fmt.Errorf("syncfs %s: %w", path, err)
-		}
-	}
-	return nil
-}
-
-// syncDir makes a rename into dir durable.
-func syncDir(fsys afero.Fs, dir string) error {
-	f, err := fsys.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if osf := osFile(f); osf != nil {
-		if err := osf.Sync(); err != nil {
-			return fmt.Errorf("fsync %s: %w", dir, err)
+		if err := call(osf); err != nil {
+			return fmt.Errorf("%s %s: %w", op, path, err)
 		}
 	}
 	return nil
