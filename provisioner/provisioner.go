@@ -373,6 +373,11 @@ func (p *Provisioner) installedOrNewest(ctx context.Context, c *Client, latest s
 		return latest // nothing to serve meanwhile: wait for it
 	}
 	tenant := c.Tenant().Name
+	if p.refused.check(tenant, key, p.opts.Now()) != nil {
+		// latest's archive was refused: serve the installed version without
+		// starting (and logging) an install that would fail at once.
+		return best.Version
+	}
 	if _, running := p.background.LoadOrStore(key.String(), struct{}{}); !running {
 		log := klog.FromContext(ctx).WithValues("tenant", tenant, "version", latest)
 		log.Info("new latest version: installing it in the background, volumes get the installed version meanwhile", "serving", best.Version)
