@@ -1,6 +1,7 @@
 package injector
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -46,15 +47,23 @@ const (
 type ServerOptions struct {
 	// Config of the mutation. Required, already completed.
 	Config *Config
-	// Certs serves the TLS certificate. Required for HTTPS; Handler works
-	// without it.
-	Certs *CertReloader
+	// Certs serves the TLS certificate (files: CertReloader; self-provisioned:
+	// selftls.Provider). Required for HTTPS; Handler works without it.
+	Certs CertSource
 	// Registerer receives the webhook's metrics. Default: none.
 	Registerer prometheus.Registerer
 	// Gatherer serves /metrics. Default: none (no /metrics).
 	Gatherer prometheus.Gatherer
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+}
+
+// CertSource is where the webhook's serving certificate comes from. Ready
+// fails while the webhook cannot be called with success (no certificate, or
+// one the API server does not trust); /readyz reports it.
+type CertSource interface {
+	GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	Ready() error
 }
 
 // Server answers AdmissionReviews for pods.
