@@ -233,7 +233,7 @@ func startInjector(ctx context.Context, work string) error {
 	if err != nil {
 		return err
 	}
-	env.injector = exec.Command(env.bin, "injector", "--config", cfgFile, "--cert-file", certFile, "--key-file", keyFile,
+	env.injector = exec.Command(env.bin, "injector", "--config", cfgFile, "--cert-mode=files", "--cert-file", certFile, "--key-file", keyFile,
 		"--addr", fmt.Sprintf("127.0.0.1:%d", port), "--http-addr", "127.0.0.1:0")
 	env.injector.Stdout, env.injector.Stderr = logf, logf
 	if err := env.injector.Start(); err != nil {

@@ -20,6 +20,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	"sigs.k8s.io/yaml"
 
@@ -37,17 +38,26 @@ type objects struct {
 	drivers     []*storagev1.CSIDriver
 	policies    map[string]*networkingv1.NetworkPolicy
 	certManager map[string]map[string]any // kind/name -> object
+	roles       map[string]*rbacv1.Role
+	roleBinds   map[string]*rbacv1.RoleBinding
+	cRoles      map[string]*rbacv1.ClusterRole
+	cRoleBinds  map[string]*rbacv1.ClusterRoleBinding
+	secrets     map[string]*corev1.Secret
 }
 
 func load(t *testing.T) objects {
 	t.Helper()
 	o := objects{deployments: map[string]*appsv1.Deployment{}, daemonSets: map[string]*appsv1.DaemonSet{},
 		configMaps: map[string]*corev1.ConfigMap{}, namespaces: map[string]*corev1.Namespace{},
-		policies: map[string]*networkingv1.NetworkPolicy{}, certManager: map[string]map[string]any{}}
+		policies: map[string]*networkingv1.NetworkPolicy{}, certManager: map[string]map[string]any{},
+		roles: map[string]*rbacv1.Role{}, roleBinds: map[string]*rbacv1.RoleBinding{}, cRoles: map[string]*rbacv1.ClusterRole{},
+		cRoleBinds: map[string]*rbacv1.ClusterRoleBinding{}, secrets: map[string]*corev1.Secret{}}
 	files, err := filepath.Glob("../../deploy/kubernetes/*.yaml")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no manifests: %v", err)
 	}
+	// cert-manager's objects, from its component.
+	files = append(files, "../../deploy/components/cert-manager/certificate.yaml")
 	for _, file := range files {
 		data, err := os.ReadFile(file)
 		if err != nil {
@@ -93,7 +103,25 @@ func load(t *testing.T) objects {
 			case "ServiceAccount":
 				into = &corev1.ServiceAccount{}
 			case "Secret":
-				into = &corev1.Secret{}
+				sec := &corev1.Secret{}
+				into = sec
+				defer func() { o.secrets[sec.Name] = sec }()
+			case "Role":
+				r := &rbacv1.Role{}
+				into = r
+				defer func() { o.roles[r.Name] = r }()
+			case "RoleBinding":
+				r := &rbacv1.RoleBinding{}
+				into = r
+				defer func() { o.roleBinds[r.Name] = r }()
+			case "ClusterRole":
+				r := &rbacv1.ClusterRole{}
+				into = r
+				defer func() { o.cRoles[r.Name] = r }()
+			case "ClusterRoleBinding":
+				r := &rbacv1.ClusterRoleBinding{}
+				into = r
+				defer func() { o.cRoleBinds[r.Name] = r }()
 			case "NetworkPolicy":
 				np := &networkingv1.NetworkPolicy{}
 				into = np
@@ -224,8 +252,8 @@ func TestManifests(t *testing.T) {
 		if ps.SecurityContext == nil || ps.SecurityContext.RunAsNonRoot == nil || !*ps.SecurityContext.RunAsNonRoot {
 			t.Errorf("injector pods must run as non-root")
 		}
-		if ps.AutomountServiceAccountToken == nil || *ps.AutomountServiceAccountToken {
-			t.Errorf("injector pods need no API token")
+		if ps.AutomountServiceAccountToken == nil || !*ps.AutomountServiceAccountToken {
+			t.Errorf("injector pods need their token to manage their own certificate (--cert-mode=self)")
 		}
 		for _, c := range ps.Containers {
 			sc := c.SecurityContext
@@ -335,11 +363,64 @@ func TestManifests(t *testing.T) {
 		}
 	})
 
+	t.Run("self-provisioned TLS has exactly the rights it needs", func(t *testing.T) {
+		args := map[string]string{}
+		for _, a := range o.deployments["injector-deployment"].Spec.Template.Spec.Containers[0].Args {
+			if k, v, ok := strings.Cut(a, "="); ok {
+				args[k] = v
+			}
+		}
+		secret, hook := args["--cert-secret"], args["--webhook-config"]
+		if args["--cert-mode"] != "self" || secret == "" || hook == "" {
+			t.Fatalf("injector args %v: want --cert-mode=self, --cert-secret and --webhook-config", args)
+		}
+		if o.secrets[secret] == nil || len(o.secrets[secret].Data) != 0 {
+			t.Errorf("the base must ship the Secret %s empty (apply then never resets what the injector wrote)", secret)
+		}
+		if len(o.webhooks) != 1 || o.webhooks[0].Name != hook {
+			t.Errorf("--webhook-config=%s names no webhook configuration of the base", hook)
+		}
+		for _, w := range o.webhooks[0].Webhooks {
+			if len(w.ClientConfig.CABundle) != 0 {
+				t.Errorf("%s: a caBundle in the manifest would be reset by every apply", w.Name)
+			}
+		}
+		role, crole := o.roles["oneagent-csi-injector"], o.cRoles["oneagent-csi-injector"]
+		if role == nil || crole == nil {
+			t.Fatal("no Role or ClusterRole oneagent-csi-injector")
+		}
+		for _, r := range role.Rules {
+			named := slices.Equal(r.ResourceNames, []string{secret})
+			if !slices.Equal(r.Resources, []string{"secrets"}) || (!named && !slices.Equal(r.Verbs, []string{"create"})) {
+				t.Errorf("Role rule %+v: only get/update on Secret %s, and create (not limitable by name)", r, secret)
+			}
+			if named && !slices.Equal(r.Verbs, []string{"get", "update"}) {
+				t.Errorf("Role rule %+v: verbs want [get update]", r)
+			}
+		}
+		for _, r := range crole.Rules {
+			if !slices.Equal(r.Resources, []string{"mutatingwebhookconfigurations"}) || !slices.Equal(r.ResourceNames, []string{hook}) || !slices.Equal(r.Verbs, []string{"get", "update"}) {
+				t.Errorf("ClusterRole rule %+v: only get/update on MutatingWebhookConfiguration %s", r, hook)
+			}
+		}
+		for _, subjects := range [][]rbacv1.Subject{o.roleBinds["oneagent-csi-injector"].Subjects, o.cRoleBinds["oneagent-csi-injector"].Subjects} {
+			if len(subjects) != 1 || subjects[0].Name != "oneagent-csi-injector" || subjects[0].Kind != "ServiceAccount" {
+				t.Errorf("binding subjects %+v: want only the injector's ServiceAccount", subjects)
+			}
+		}
+		if p := egressPorts(o.policies["oneagent-csi-injector"]); !p[443] || !p[6443] || len(p) != 2 {
+			t.Errorf("injector egress ports %v: want the API server's 443 and 6443 only", p)
+		}
+	})
+
 	t.Run("cert-manager chain keeps the caBundle across leaf rotations", func(t *testing.T) {
 		leaf := o.certManager["Certificate/oneagent-csi-injector"]
-		if leaf == nil || len(o.webhooks) != 1 ||
-			o.webhooks[0].Annotations["cert-manager.io/inject-ca-from"] != "oneagent-csi/oneagent-csi-injector" {
-			t.Fatal("the webhook's caBundle must come from the injector's Certificate")
+		comp, err := os.ReadFile("../../deploy/components/cert-manager/kustomization.yaml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if leaf == nil || !strings.Contains(string(comp), "cert-manager.io/inject-ca-from: oneagent-csi/oneagent-csi-injector") {
+			t.Fatal("the component must fill the webhook's caBundle from the injector's Certificate")
 		}
 		issuerName := leaf["spec"].(map[string]any)["issuerRef"].(map[string]any)["name"]
 		issuer := o.certManager[fmt.Sprint("Issuer/", issuerName)]
@@ -444,7 +525,7 @@ func TestKustomization(t *testing.T) {
 		t.Fatal(err)
 	}
 	files, _ := filepath.Glob("../../deploy/kubernetes/*.yaml")
-	optional := map[string]bool{"kustomization.yaml": true, "injector-certificate.yaml": true, "prometheusrule.yaml": true}
+	optional := map[string]bool{"kustomization.yaml": true, "prometheusrule.yaml": true}
 	for _, f := range files {
 		name := filepath.Base(f)
 		if !optional[name] && !slices.Contains(k.Resources, name) {
