@@ -227,7 +227,7 @@ func (p *Provider) syncOnce(ctx context.Context) error {
 		for i := range upd.Webhooks {
 			upd.Webhooks[i].ClientConfig.CABundle = want
 		}
-		if mwc, err = p.opts.Client.UpdateWebhook(ctx, upd); err != nil {
+		if _, err := p.opts.Client.UpdateWebhook(ctx, upd); err != nil {
 			return fmt.Errorf("update caBundle of MutatingWebhookConfiguration %s: %w", p.opts.WebhookName, err)
 		}
 		klog.InfoS("updated the webhook's caBundle", "webhook", p.opts.WebhookName, "cas", len(next.Bundle))
