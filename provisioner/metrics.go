@@ -9,6 +9,7 @@ type metrics struct {
 	gcDeletions     *prometheus.CounterVec
 	gcFreed         prometheus.Counter
 	gcOverrun       prometheus.Gauge
+	refreshes       *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -39,8 +40,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		Name: "oneagent_csi_cache_budget_overrun_bytes",
 		Help: "How far the cache stayed over cache.maxBytes after the last GC pass, because the rest is in use or current.",
 	})
+	m.refreshes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "oneagent_csi_tenant_refreshes_total",
+		Help: "Background refreshes of what the tenant says (kind: latest, config) by result (ok, failed); failed ones back off.",
+	}, []string{"kind", "result"})
 	if reg != nil {
-		reg.MustRegister(m.downloads, m.downloadBytes, m.downloadSeconds, m.gcDeletions, m.gcFreed, m.gcOverrun)
+		reg.MustRegister(m.downloads, m.downloadBytes, m.downloadSeconds, m.gcDeletions, m.gcFreed, m.gcOverrun, m.refreshes)
 	}
 	return m
 }

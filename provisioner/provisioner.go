@@ -169,6 +169,8 @@ func New(opts Options) (*Provisioner, error) {
 		configs: newStaleCache[ProcessModuleConfig](opts.ConfigTTL, opts.RefreshBackoff, opts.Now),
 		metrics: newMetrics(opts.Registerer),
 		gc:      gcState{leases: map[string]time.Time{}, poke: make(chan struct{}, 1)}}
+	p.latest.refreshed = func(result string) { p.metrics.refreshes.WithLabelValues("latest", result).Inc() }
+	p.configs.refreshed = func(result string) { p.metrics.refreshes.WithLabelValues("config", result).Inc() }
 	for i, t := range opts.Tenants {
 		if !api.ValidTenantName(t.Name) {
 			return nil, fmt.Errorf("tenants[%d].name %q: must be a DNS-1035 label", i, t.Name)

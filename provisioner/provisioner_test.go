@@ -239,6 +239,35 @@ func TestRefusedArchiveIsRemembered(t *testing.T) {
 	}
 }
 
+// metricValue is the value of the sample of name whose labels include the
+// given name, value pairs (0 when there is none).
+func metricValue(t *testing.T, reg *prometheus.Registry, name string, labels ...string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	samples:
+		for _, m := range mf.GetMetric() {
+			have := map[string]string{}
+			for _, l := range m.GetLabel() {
+				have[l.GetName()] = l.GetValue()
+			}
+			for i := 0; i+1 < len(labels); i += 2 {
+				if have[labels[i]] != labels[i+1] {
+					continue samples
+				}
+			}
+			return m.GetCounter().GetValue() + m.GetGauge().GetValue()
+		}
+	}
+	return 0
+}
+
 func counterVec(t *testing.T, reg *prometheus.Registry, name string) *prometheus.CounterVec {
 	t.Helper()
 	mfs, err := reg.Gather()

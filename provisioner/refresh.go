@@ -20,6 +20,9 @@ type staleCache[T any] struct {
 	ttl         time.Duration
 	backoffBase time.Duration
 	now         func() time.Time
+	// refreshed, when set, counts every finished refresh by result ("ok",
+	// "failed"); it is called with the outcome already recorded.
+	refreshed func(result string)
 
 	mu      sync.Mutex
 	entries map[string]*staleEntry[T]
@@ -147,6 +150,13 @@ func (c *staleCache[T]) refresh(log klog.Logger, key string, e *staleEntry[T], t
 	}
 	close(e.running)
 	e.running = nil
+	if c.refreshed != nil {
+		result := "ok"
+		if err != nil {
+			result = "failed"
+		}
+		c.refreshed(result)
+	}
 }
 
 // backoff is backoffBase doubled per failure, at most ttl, with "equal

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 	"github.com/oneagent-csi/oneagent-csi/test/harness"
@@ -79,8 +81,10 @@ func TestBlackholedTenantServesTheCacheAtOnce(t *testing.T) {
 // After a failed refresh the next one waits for the backoff.
 func TestFailedRefreshBacksOff(t *testing.T) {
 	clock := &fakeClock{now: time.Unix(1_800_000_000, 0)}
+	reg := prometheus.NewRegistry()
 	f := newFixture(t, func(o *provisioner.Options) {
 		o.Now = clock.Now
+		o.Registerer = reg
 		o.LatestTTL, o.RefreshBackoff = time.Minute, time.Minute
 		o.Client.Attempts = 1
 	})
@@ -93,12 +97,16 @@ func TestFailedRefreshBacksOff(t *testing.T) {
 	if _, err := f.prov.ResolveVersion(context.Background(), "prod", ""); err != nil {
 		t.Fatal(err)
 	}
-	harness.Eventually(t, 5*time.Second, "the refresh to fail", func() bool { return f.srv.Requests(faketenant.RouteMetainfo) == before+1 })
-	// Let the failure be recorded, then ask again inside the backoff.
-	harness.Eventually(t, 5*time.Second, "the failure to be recorded", func() bool {
-		v, err := f.prov.ResolveVersion(context.Background(), "prod", "")
-		return err == nil && v == f.srv.Latest() && f.srv.Requests(faketenant.RouteMetainfo) == before+1
+	// The failure must be recorded (its backoff set) before the clock moves
+	// on: a refresh still running when the clock passes the backoff would
+	// start its backoff from the later time.
+	harness.Eventually(t, 5*time.Second, "the failed refresh to be recorded", func() bool {
+		return metricValue(t, reg, "oneagent_csi_tenant_refreshes_total", "kind", "latest", "result", "failed") == 1
 	})
+	if n := f.srv.Requests(faketenant.RouteMetainfo); n != before+1 {
+		t.Fatalf("%d metainfo requests for one refresh", n-before)
+	}
+	// Ask again inside the backoff.
 	for range 10 {
 		if _, err := f.prov.ResolveVersion(context.Background(), "prod", ""); err != nil {
 			t.Fatal(err)
