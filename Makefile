@@ -28,7 +28,7 @@ e2e: build ## end to end against a real kube-apiserver, etcd, kubelet and contai
 	command -v containerd >/dev/null && command -v runc >/dev/null && command -v gcc >/dev/null || \
 	  { echo "e2e needs containerd, runc and gcc: apt-get install containerd runc gcc"; exit 1; }; \
 	cd test/e2e && $(GO) vet ./... && E2E_K8S_BIN=$$(scripts/build-k8s.sh) && \
-	  E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -count=1 -timeout 30m ./...
+	  E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -p 1 -count=1 -timeout 40m ./...
 
 demo: build ## a local cluster, fake tenant, node plugin and injector; deploys a sample app and shows the agent arrive (root)
 	@command -v containerd >/dev/null && command -v runc >/dev/null && command -v gcc >/dev/null || \

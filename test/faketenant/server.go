@@ -8,6 +8,7 @@ package faketenant
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
@@ -85,6 +86,10 @@ type Options struct {
 	CacheDir string
 	// Addr to listen on. Default 127.0.0.1:0.
 	Addr string
+	// Certificate is served instead of httptest's (which names only
+	// 127.0.0.1, ::1 and example.com): for an Addr clients reach by another
+	// name. Clients then trust its issuer, not CAPEM.
+	Certificate *tls.Certificate
 	// Latency is added to every answer.
 	Latency time.Duration
 }
@@ -143,6 +148,9 @@ func Start(opts Options) (*Server, error) {
 		}
 		_ = s.srv.Listener.Close()
 		s.srv.Listener = l
+	}
+	if opts.Certificate != nil {
+		s.srv.TLS = &tls.Config{Certificates: []tls.Certificate{*opts.Certificate}, MinVersion: tls.VersionTLS12}
 	}
 	s.srv.StartTLS()
 	s.URL = s.srv.URL + "/api"

@@ -3,6 +3,11 @@
 // all on loopback, all state below one directory. There is no scheduler,
 // controller-manager or CNI: pods set nodeName and hostNetwork. The recipe
 // and its pitfalls are in shared/notes/real-node.md.
+//
+// A networked cluster (Options.Networked) is a node as a user has one:
+// kube-scheduler, kube-controller-manager, kube-proxy and pod networking
+// from the CNI reference plugins, kubelet's root dir at /var/lib/kubelet;
+// the deploy manifests run there unchanged.
 package cluster
 
 import (
@@ -43,6 +48,15 @@ type Options struct {
 	OneAgentCSI string
 	// Dir holds all state; it is removed by Stop.
 	Dir string
+	// Networked adds kube-scheduler, kube-controller-manager, kube-proxy and
+	// a pod network (CNI bridge, host-local, loopback, portmap) on
+	// NetworkedNodeIP, where the API server listens; kubelet's root dir is
+	// KubeletRootDir. One networked cluster runs at a time.
+	Networked bool
+	// SharedDirs are host dirs made shared mounts before kubelet starts, as
+	// every path is on a systemd host (a hostPath with Bidirectional
+	// propagation needs it). Networked clusters only.
+	SharedDirs []string
 }
 
 // Cluster is a running one-node cluster.
@@ -56,7 +70,16 @@ type Cluster struct {
 	KubeletRoot string
 	// ContainerdSocket is the CRI socket.
 	ContainerdSocket string
+	// NodeIP is where the API server listens and pods reach the node
+	// (127.0.0.1 unless Networked).
+	NodeIP string
+	// CAFile is the cluster CA (kubelet client certificates; a networked
+	// cluster's API server certificate too).
+	CAFile           string
 	procs            []*proc
+	bridge           bool
+	kubeProxy        bool
+	sharedDirs       []string
 	kubelet          *proc
 	createdOutside   []string
 }
@@ -84,7 +107,13 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 			return c, err
 		}
 	}
-	c.KubeletRoot = filepath.Join(c.Dir, "kubelet")
+	c.KubeletRoot, c.NodeIP = filepath.Join(c.Dir, "kubelet"), "127.0.0.1"
+	if o.Networked {
+		if err := checkNetworkedTools(); err != nil {
+			return c, err
+		}
+		c.KubeletRoot, c.NodeIP = KubeletRootDir, NetworkedNodeIP
+	}
 	// Paths kubelet and containerd create outside their configured dirs
 	// (hard-coded); removed by Stop when this run created them.
 	for _, p := range []string{"/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers", "/run/containerd"} {
@@ -101,6 +130,7 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	if err := os.WriteFile(caFile, authority.pem, 0o644); err != nil {
 		return c, err
 	}
+	c.CAFile = caFile
 	clientCrt, clientKey, err := authority.issue(pki, "kubelet-client", pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}}, nil, 2)
 	if err != nil {
 		return c, err
@@ -128,17 +158,35 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	}); err != nil {
 		return c, err
 	}
-	if _, err := c.startProc("kube-apiserver", filepath.Join(o.K8sBin, "kube-apiserver"), []string{
-		"--etcd-servers", etcdURL, "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-		"--endpoint-reconciler-type", "none", "--secure-port", strconv.Itoa(ports["apiserver"]), "--cert-dir", filepath.Join(pki, "apiserver"),
+	apiserverArgs := []string{
+		"--etcd-servers", etcdURL, "--bind-address", c.NodeIP, "--advertise-address", c.NodeIP,
+		"--secure-port", strconv.Itoa(ports["apiserver"]), "--cert-dir", filepath.Join(pki, "apiserver"),
 		"--service-account-issuer", "https://kubernetes.default.svc", "--service-account-key-file", saPub,
 		"--service-account-signing-key-file", saKey, "--token-auth-file", tokens, "--authorization-mode", "RBAC",
-		"--service-cluster-ip-range", "10.0.0.0/24", "--allow-privileged=true", "--kubelet-preferred-address-types", "Hostname",
+		"--service-cluster-ip-range", serviceSubnet, "--allow-privileged=true", "--kubelet-preferred-address-types", "Hostname",
 		"--kubelet-client-certificate", clientCrt, "--kubelet-client-key", clientKey,
-	}); err != nil {
+	}
+	if o.Networked {
+		if err := c.setupPodNetwork(); err != nil {
+			return c, err
+		}
+		// Pods verify the API server with the cluster CA (kube-root-ca.crt)
+		// at the kubernetes Service's address; webhooks are called at their
+		// Service's endpoints (there is no kube-proxy in the API server's
+		// path to a cluster IP it picks).
+		crt, key, err := authority.issue(pki, "apiserver", pkix.Name{CommonName: "kube-apiserver"},
+			[]net.IP{net.ParseIP(c.NodeIP), net.ParseIP(apiServiceIP), net.ParseIP("127.0.0.1")}, 3)
+		if err != nil {
+			return c, err
+		}
+		apiserverArgs = append(apiserverArgs, "--tls-cert-file", crt, "--tls-private-key-file", key, "--enable-aggregator-routing=true")
+	} else {
+		apiserverArgs = append(apiserverArgs, "--endpoint-reconciler-type", "none")
+	}
+	if _, err := c.startProc("kube-apiserver", filepath.Join(o.K8sBin, "kube-apiserver"), apiserverArgs); err != nil {
 		return c, err
 	}
-	host := fmt.Sprintf("https://127.0.0.1:%d", ports["apiserver"])
+	host := fmt.Sprintf("https://%s:%d", c.NodeIP, ports["apiserver"])
 	c.Config = &rest.Config{Host: host, BearerToken: token, TLSClientConfig: rest.TLSClientConfig{Insecure: true}, QPS: 100, Burst: 200}
 	if c.Client, err = kubernetes.NewForConfig(c.Config); err != nil {
 		return c, err
@@ -158,6 +206,14 @@ current-context: e2e
 		return c, err
 	}
 
+	if o.Networked {
+		if err := c.startControlPlaneControllers(caFile, saKey); err != nil {
+			return c, err
+		}
+		if err := c.makeShared(o.SharedDirs); err != nil {
+			return c, err
+		}
+	}
 	if err := c.startContainerd(ctx); err != nil {
 		return c, err
 	}
@@ -166,6 +222,14 @@ current-context: e2e
 	}
 	if err := c.startKubelet(ctx, caFile, ports["kubelet"], ports["kubelet-healthz"]); err != nil {
 		return c, err
+	}
+	if o.Networked {
+		if err := c.startKubeProxy(ctx); err != nil {
+			return c, err
+		}
+		if err := c.waitNodeReady(ctx); err != nil {
+			return c, err
+		}
 	}
 	return c, c.EnsureNamespace(ctx, "default", nil)
 }
@@ -217,7 +281,7 @@ state = %[2]q
         SystemdCgroup = false
         Root = %[9]q
 `, filepath.Join(d, "root"), filepath.Join(d, "state"), c.ContainerdSocket, c.ContainerdSocket+".ttrpc", filepath.Join(d, "opt"),
-		PauseImage, filepath.Join(c.Dir, "cni/bin"), filepath.Join(c.Dir, "cni/conf"), filepath.Join(d, "runc"))
+		PauseImage, c.cniBinDir(), filepath.Join(c.Dir, "cni/conf"), filepath.Join(d, "runc"))
 	cfg := filepath.Join(d, "config.toml")
 	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
 		return err
@@ -313,8 +377,12 @@ serializeImagePulls: false
 	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
 		return err
 	}
-	p, err := c.startProc("kubelet", filepath.Join(c.K8sBin, "kubelet"), []string{"--config", cfg, "--kubeconfig", c.Kubeconfig,
-		"--root-dir", c.KubeletRoot, "--cert-dir", filepath.Join(c.KubeletRoot, "pki"), "--hostname-override", NodeName, "--v=2"})
+	args := []string{"--config", cfg, "--kubeconfig", c.Kubeconfig,
+		"--root-dir", c.KubeletRoot, "--cert-dir", filepath.Join(c.KubeletRoot, "pki"), "--hostname-override", NodeName, "--v=2"}
+	if c.Networked {
+		args = append(args, "--node-ip", c.NodeIP) // kubelet refuses a loopback node IP
+	}
+	p, err := c.startProc("kubelet", filepath.Join(c.K8sBin, "kubelet"), args)
 	if err != nil {
 		return err
 	}
@@ -366,7 +434,11 @@ func (c *Cluster) Stop() {
 		c.procs[i].stop(10 * time.Second)
 	}
 	c.killShims()
+	c.stopNetworking()
 	unmountBelow(c.Dir)
+	if c.KubeletRoot == KubeletRootDir {
+		unmountBelow(KubeletRootDir)
+	}
 	_ = os.RemoveAll(c.Dir)
 	for _, p := range c.createdOutside {
 		if p == "/run/containerd" {
@@ -464,5 +536,19 @@ func moduleDir() string {
 	return wd
 }
 
+func (c *Cluster) cniBinDir() string {
+	if c.Networked {
+		return cniBinDir
+	}
+	return filepath.Join(c.Dir, "cni/bin")
+}
+
 // FreePort returns a free TCP port on 127.0.0.1.
 func FreePort() (int, error) { return freePort() }
+
+// TagImage gives an imported image a second name, as a new release of the
+// same image would have.
+func (c *Cluster) TagImage(src, dst string) error {
+	_, err := c.ctr("images", "tag", "--force", src, dst)
+	return err
+}

@@ -100,3 +100,15 @@ func WebhookCert(dir string) (caPEM []byte, certFile, keyFile string, err error)
 	certFile, keyFile, err = authority.issue(dir, "webhook", pkix.Name{CommonName: "oneagent-csi-injector"}, []net.IP{net.ParseIP("127.0.0.1")}, 3)
 	return authority.pem, certFile, keyFile, err
 }
+
+// ServingCert writes a serving certificate for ips from a new CA into dir
+// as <name>.crt and <name>.key; it returns the CA's PEM for clients to
+// trust and the file paths.
+func ServingCert(dir, name string, ips ...net.IP) (caPEM []byte, certFile, keyFile string, err error) {
+	authority, err := newCA("oneagent-csi-e2e-" + name + "-ca")
+	if err != nil {
+		return nil, "", "", err
+	}
+	certFile, keyFile, err = authority.issue(dir, name, pkix.Name{CommonName: name}, ips, 2)
+	return authority.pem, certFile, keyFile, err
+}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, etcd, kubelet and kubectl from the Go module proxy through
+# Builds kube-apiserver, kube-scheduler, kube-controller-manager, kube-proxy,
+# etcd, kubelet and kubectl from the Go module proxy through
 # the tools module in test/e2e/tools (k8s.io/kubernetes cannot be
 # `go install`ed: its go.mod replaces its staging modules). The binaries go
 # to test/e2e/.cache/k8s-<k8s version>-<go version>/bin, which is kept
@@ -10,7 +11,7 @@ k8s=$(awk '$1 == "k8s.io/kubernetes" {print $2}' "$here/tools/go.mod")
 gov=$(go env GOVERSION)
 out=$here/.cache/k8s-$k8s-$gov/bin
 missing=()
-for b in kube-apiserver etcd kubelet kubectl; do [ -x "$out/$b" ] || missing+=("$b"); done
+for b in kube-apiserver kube-scheduler kube-controller-manager kube-proxy etcd kubelet kubectl; do [ -x "$out/$b" ] || missing+=("$b"); done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "$out"; exit 0
 fi
