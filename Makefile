@@ -25,8 +25,9 @@ test: build ## run every test under the race detector (real mounts need root)
 
 e2e: build ## end to end against a real kube-apiserver, etcd, kubelet and containerd (root; builds them once)
 	@if [ "$$(id -u)" != 0 ]; then echo "e2e: skipped, needs root"; exit 0; fi; \
-	command -v containerd >/dev/null && command -v runc >/dev/null && command -v gcc >/dev/null || \
-	  { echo "e2e needs containerd, runc and gcc: apt-get install containerd runc gcc"; exit 1; }; \
+	command -v containerd >/dev/null && command -v runc >/dev/null && command -v gcc >/dev/null && command -v iptables >/dev/null && \
+	  [ -x /usr/lib/cni/bridge ] || \
+	  { echo "e2e needs containerd, runc, gcc, iptables and the CNI plugins: apt-get install containerd runc gcc iptables containernetworking-plugins"; exit 1; }; \
 	cd test/e2e && $(GO) vet ./... && E2E_K8S_BIN=$$(scripts/build-k8s.sh) && \
 	  E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -p 1 -count=1 -timeout 40m ./...
 
