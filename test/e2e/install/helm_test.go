@@ -53,24 +53,26 @@ func TestHelmLint(t *testing.T) {
 }
 
 // TestHelmTemplateMatchesKustomize: the chart with its defaults renders the
-// objects of the kustomize base, compared as data (YAML files in
+// objects of the kustomize base (and with certMode cert-manager those of
+// the base with the cert-manager component), compared as data (YAML files in
 // ConfigMaps parsed too); the differences are by design: no Namespace
 // unless namespace.create (Helm installs into an existing namespace), and
 // checksum annotations that roll pods when their config changes.
 func TestHelmTemplateMatchesKustomize(t *testing.T) {
 	setup(t)
-	base := objects(t, kubectl(t, "kustomize", "../../../deploy/kubernetes"))
 	for _, tc := range []struct {
-		name string
-		args []string
-		drop []string
+		name      string
+		kustomize string
+		args      []string
+		drop      []string
 	}{
-		{"defaults", nil, []string{"Namespace//oneagent-csi"}},
-		{"namespace.create", []string{"--set", "namespace.create=true"}, nil},
+		{"defaults", "../../../deploy/kubernetes", nil, []string{"Namespace//oneagent-csi"}},
+		{"namespace.create", "../../../deploy/kubernetes", []string{"--set", "namespace.create=true"}, nil},
+		{"cert-manager", "../testdata/cert-manager-overlay", []string{"--set", "injector.certMode=cert-manager"}, []string{"Namespace//oneagent-csi"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			want := map[string]any{}
-			for k, v := range base {
+			for k, v := range objects(t, kubectl(t, "kustomize", tc.kustomize)) {
 				want[k] = v
 			}
 			for _, k := range tc.drop {
