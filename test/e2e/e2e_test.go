@@ -96,7 +96,7 @@ func run(m *testing.M) int {
 	}
 	defer env.tenant.Close()
 
-	c, err := cluster.Start(ctx, cluster.Options{K8sBin: k8sBin, OneAgentCSI: env.bin, Dir: filepath.Join(work, "cluster")})
+	c, err := cluster.Start(ctx, cluster.Options{K8sBin: k8sBin, OneAgentCSI: env.bin, Image: os.Getenv("ONEAGENT_CSI_IMAGE"), Dir: filepath.Join(work, "cluster")})
 	if err != nil {
 		return fail(err)
 	}

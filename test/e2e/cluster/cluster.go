@@ -44,8 +44,12 @@ const token = "e2e-admin-token"
 type Options struct {
 	// K8sBin holds kube-apiserver, etcd and kubelet (scripts/build-k8s.sh).
 	K8sBin string
-	// OneAgentCSI is the oneagent-csi binary, for the init image.
+	// OneAgentCSI is the oneagent-csi binary, for the init image when Image
+	// is empty.
 	OneAgentCSI string
+	// Image is the OCI tarball `make image` writes; it is imported and
+	// tagged InitImage. Empty: InitImage is built from OneAgentCSI.
+	Image string
 	// Dir holds all state; it is removed by Stop.
 	Dir string
 	// Networked adds kube-scheduler, kube-controller-manager, kube-proxy and
@@ -77,6 +81,7 @@ type Cluster struct {
 	// cluster's API server certificate too).
 	CAFile           string
 	procs            []*proc
+	lock             *os.File
 	bridge           bool
 	kubeProxy        bool
 	sharedDirs       []string
@@ -96,6 +101,17 @@ func freePort() (int, error) {
 // Start brings the cluster up; on error it stops what it started.
 func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	c = &Cluster{Options: o, Dir: o.Dir}
+	// One cluster at a time on a machine: kubelet and containerd use fixed
+	// host paths (/var/lib/kubelet, /run/containerd), which a second
+	// cluster's Stop would remove under the first. Test packages that start
+	// clusters in parallel wait here.
+	if c.lock, err = os.OpenFile(filepath.Join(os.TempDir(), "oneagent-csi-e2e-cluster.lock"), os.O_CREATE|os.O_RDWR, 0o600); err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(c.lock.Fd()), unix.LOCK_EX); err != nil {
+		c.lock.Close()
+		return nil, fmt.Errorf("lock: %w", err)
+	}
 	defer func() {
 		if err != nil {
 			err = fmt.Errorf("%w%s", err, c.logTails())
@@ -320,21 +336,31 @@ func (c *Cluster) importImages() error {
 	if err := appRootfs(app); err != nil {
 		return err
 	}
-	initRoot := filepath.Join(img, "init-rootfs")
-	if err := os.MkdirAll(initRoot, 0o755); err != nil {
-		return err
-	}
-	if err := copyFile(c.OneAgentCSI, filepath.Join(initRoot, "oneagent-csi"), 0o755); err != nil {
-		return err
-	}
-	for _, im := range []struct {
+	images := []struct {
 		ref, rootfs string
 		entry       []string
 	}{
 		{PauseImage, pause, []string{"/pause"}},
 		{AppImage, app, []string{"/bin/sh"}},
-		{InitImage, initRoot, []string{"/oneagent-csi"}},
-	} {
+	}
+	if c.Image != "" {
+		if err := c.importOCITarball(c.Image, InitImage); err != nil {
+			return err
+		}
+	} else {
+		initRoot := filepath.Join(img, "init-rootfs")
+		if err := os.MkdirAll(initRoot, 0o755); err != nil {
+			return err
+		}
+		if err := copyFile(c.OneAgentCSI, filepath.Join(initRoot, "oneagent-csi"), 0o755); err != nil {
+			return err
+		}
+		images = append(images, struct {
+			ref, rootfs string
+			entry       []string
+		}{InitImage, initRoot, []string{"/oneagent-csi"}})
+	}
+	for _, im := range images {
 		tarball := filepath.Join(img, strings.NewReplacer("/", "_", ":", "_").Replace(im.ref)+".tar")
 		if err := writeDockerArchive(im.ref, im.rootfs, tarball, im.entry); err != nil {
 			return fmt.Errorf("image %s: %w", im.ref, err)
@@ -447,6 +473,10 @@ func (c *Cluster) Stop() {
 			}
 		}
 		_ = os.RemoveAll(p)
+	}
+	if c.lock != nil {
+		_ = c.lock.Close() // releases the flock
+		c.lock = nil
 	}
 }
 

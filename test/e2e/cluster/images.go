@@ -3,6 +3,7 @@ package cluster
 import (
 	"archive/tar"
 	"bytes"
+	"errors"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -183,4 +184,47 @@ func writeDockerArchive(ref, rootfs, out string, entrypoint []string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// importOCITarball imports an OCI layout tarball (its platform's content)
+// and tags the image it names as ref.
+func (c *Cluster) importOCITarball(path, ref string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var name string
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		if h.Name != "index.json" {
+			continue
+		}
+		var idx struct {
+			Manifests []struct {
+				Annotations map[string]string `json:"annotations"`
+			} `json:"manifests"`
+		}
+		if err := json.NewDecoder(tr).Decode(&idx); err != nil {
+			return fmt.Errorf("%s: index.json: %w", path, err)
+		}
+		if len(idx.Manifests) == 1 {
+			name = idx.Manifests[0].Annotations["io.containerd.image.name"]
+		}
+		break
+	}
+	if name == "" {
+		return fmt.Errorf("%s: not an OCI layout tarball naming one image (io.containerd.image.name)", path)
+	}
+	if _, err := c.ctr("images", "import", path); err != nil {
+		return err
+	}
+	return c.TagImage(name, ref)
 }

@@ -87,7 +87,7 @@ func run(m *testing.M) int {
 		return fail(err)
 	}
 
-	c, err := cluster.Start(ctx, cluster.Options{K8sBin: env.k8sBin, OneAgentCSI: bin, Dir: filepath.Join(work, "cluster"),
+	c, err := cluster.Start(ctx, cluster.Options{K8sBin: env.k8sBin, OneAgentCSI: bin, Image: os.Getenv("ONEAGENT_CSI_IMAGE"), Dir: filepath.Join(work, "cluster"),
 		Networked: true, SharedDirs: []string{dataDir}})
 	if err != nil {
 		return fail(err)
