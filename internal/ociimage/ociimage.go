@@ -106,7 +106,7 @@ func Write(out string, o Options) (v1.Hash, error) {
 	}
 	full, tag := fullName(ref)
 	if err := lp.AppendIndex(idx, layout.WithAnnotations(map[string]string{
-		"io.containerd.image.name":         full,
+		"io.containerd.image.name":          full,
 		"org.opencontainers.image.ref.name": tag,
 	})); err != nil {
 		return v1.Hash{}, err

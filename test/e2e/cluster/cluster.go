@@ -79,14 +79,14 @@ type Cluster struct {
 	NodeIP string
 	// CAFile is the cluster CA (kubelet client certificates; a networked
 	// cluster's API server certificate too).
-	CAFile           string
-	procs            []*proc
-	lock             *os.File
-	bridge           bool
-	kubeProxy        bool
-	sharedDirs       []string
-	kubelet          *proc
-	createdOutside   []string
+	CAFile         string
+	procs          []*proc
+	lock           *os.File
+	bridge         bool
+	kubeProxy      bool
+	sharedDirs     []string
+	kubelet        *proc
+	createdOutside []string
 }
 
 func freePort() (int, error) {

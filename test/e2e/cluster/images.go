@@ -3,10 +3,10 @@ package cluster
 import (
 	"archive/tar"
 	"bytes"
-	"errors"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
