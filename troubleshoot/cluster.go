@@ -1,0 +1,232 @@
+package troubleshoot
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
+)
+
+// Cluster checks the parts every injected pod needs, at now.
+func Cluster(s Snapshot, now time.Time) []Result {
+	s.Install.defaults()
+	var rs []Result
+	rs = append(rs, checkCSIDriver(s)...)
+	rs = append(rs, checkDaemonSet(s)...)
+	rs = append(rs, checkRegistration(s)...)
+	rs = append(rs, checkWebhook(s, now)...)
+	return rs
+}
+
+func checkCSIDriver(s Snapshot) []Result {
+	const check = "csidriver"
+	d := s.CSIDriver
+	if d == nil {
+		return []Result{fail(check, s.Install.DriverName, "the CSIDriver does not exist: kubelet does not call the driver and every injected pod stays in ContainerCreating",
+			"reapply the install (kubectl apply -k deploy/kubernetes, or helm upgrade)")}
+	}
+	var wrong []string
+	if d.Spec.AttachRequired == nil || *d.Spec.AttachRequired {
+		wrong = append(wrong, "attachRequired must be false")
+	}
+	if d.Spec.PodInfoOnMount == nil || !*d.Spec.PodInfoOnMount {
+		wrong = append(wrong, "podInfoOnMount must be true")
+	}
+	if !slices.Contains(d.Spec.VolumeLifecycleModes, storagev1.VolumeLifecycleEphemeral) {
+		wrong = append(wrong, "volumeLifecycleModes must include Ephemeral")
+	}
+	if len(wrong) > 0 {
+		return []Result{fail(check, d.Name, "the CSIDriver is not as installed: "+strings.Join(wrong, ", "),
+			"delete it and reapply the install (its spec is immutable)")}
+	}
+	return []Result{ok(check, d.Name, "present, ephemeral inline volumes with pod info")}
+}
+
+// linuxNodes are the nodes the DaemonSet's nodeSelector admits.
+func linuxNodes(s Snapshot) []corev1.Node {
+	var out []corev1.Node
+	for _, n := range s.Nodes {
+		match := true
+		if s.DaemonSet != nil {
+			for k, v := range s.DaemonSet.Spec.Template.Spec.NodeSelector {
+				if n.Labels[k] != v {
+					match = false
+				}
+			}
+		}
+		if match {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// readyDriverNodes are the nodes with a ready driver pod.
+func readyDriverNodes(s Snapshot) map[string]bool {
+	out := map[string]bool{}
+	for _, p := range s.DriverPods {
+		if p.DeletionTimestamp != nil {
+			continue
+		}
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+				out[p.Spec.NodeName] = true
+			}
+		}
+	}
+	return out
+}
+
+func checkDaemonSet(s Snapshot) []Result {
+	const check = "daemonset"
+	subject := s.Install.Namespace + "/" + s.Install.DaemonSet
+	if s.DaemonSet == nil {
+		return []Result{fail(check, subject, "the node driver's DaemonSet does not exist", "reapply the install")}
+	}
+	ready := readyDriverNodes(s)
+	var missing []string
+	nodes := linuxNodes(s)
+	for _, n := range nodes {
+		if !ready[n.Name] {
+			missing = append(missing, n.Name)
+		}
+	}
+	sort.Strings(missing)
+	if len(missing) > 0 {
+		return []Result{fail(check, subject, fmt.Sprintf("no ready driver pod on %d of %d nodes: %s; injected pods there stay in ContainerCreating",
+			len(missing), len(nodes), short(missing)),
+			fmt.Sprintf("kubectl -n %s describe daemonset %s; then the pod's events and log on those nodes", s.Install.Namespace, s.Install.DaemonSet))}
+	}
+	return []Result{ok(check, subject, fmt.Sprintf("a ready driver pod on each of the %d nodes", len(nodes)))}
+}
+
+func checkRegistration(s Snapshot) []Result {
+	const check = "registration"
+	ready := readyDriverNodes(s)
+	registered := map[string]bool{}
+	for _, cn := range s.CSINodes {
+		for _, d := range cn.Spec.Drivers {
+			if d.Name == s.Install.DriverName {
+				registered[cn.Name] = true
+			}
+		}
+	}
+	var missing []string
+	for node := range ready {
+		if !registered[node] {
+			missing = append(missing, node)
+		}
+	}
+	sort.Strings(missing)
+	if len(missing) > 0 {
+		return []Result{fail(check, s.Install.DriverName, fmt.Sprintf("kubelet has not registered the driver on %s although its pod is ready "+
+			"(pods there fail with \"driver name %s not found in the list of registered CSI drivers\")", short(missing), s.Install.DriverName),
+			"the driver's kubeletDir and registration paths must be kubelet's --root-dir (node.kubeletDir in the chart); see the driver pod's log")}
+	}
+	return []Result{ok(check, s.Install.DriverName, fmt.Sprintf("registered with kubelet on %d nodes", len(registered)))}
+}
+
+func checkWebhook(s Snapshot, now time.Time) []Result {
+	const check = "webhook"
+	w := s.Webhook
+	if w == nil {
+		return []Result{fail(check, s.Install.Webhook, "the MutatingWebhookConfiguration does not exist: no pod is injected", "reapply the install")}
+	}
+	var rs []Result
+	services := map[string]bool{}
+	for _, h := range w.Webhooks {
+		if h.ClientConfig.Service == nil {
+			rs = append(rs, warn(check, h.Name, "called by URL, not through a Service; the endpoint check is skipped", ""))
+			continue
+		}
+		services[h.ClientConfig.Service.Namespace+"/"+h.ClientConfig.Service.Name] = true
+		if len(h.ClientConfig.CABundle) == 0 {
+			rs = append(rs, fail(check, h.Name, "no caBundle: the API server cannot call the webhook, so pods start without the agent (failurePolicy Ignore)",
+				"the injector fills it in self mode (check its log and RBAC); with cert-manager, check its CA injector"))
+			continue
+		}
+		rs = append(rs, checkServingCert(s, h.Name, h.ClientConfig.CABundle, h.ClientConfig.Service.Name, h.ClientConfig.Service.Namespace, now))
+	}
+	names := make([]string, 0, len(services))
+	for k := range services {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, svc := range names {
+		readyEndpoints := 0
+		for _, sl := range s.ServiceEndpoints[svc] {
+			for _, e := range sl.Endpoints {
+				if e.Conditions.Ready == nil || *e.Conditions.Ready {
+					readyEndpoints += len(e.Addresses)
+				}
+			}
+		}
+		if readyEndpoints == 0 {
+			rs = append(rs, fail("webhook-endpoints", svc, "the webhook's Service has no ready endpoint: every pod created now starts without the agent (failurePolicy Ignore)",
+				"kubectl -n "+strings.Split(svc, "/")[0]+" get pods -l app.kubernetes.io/name=oneagent-csi-injector; its readiness says why"))
+		} else {
+			rs = append(rs, ok("webhook-endpoints", svc, fmt.Sprintf("%d ready endpoints", readyEndpoints)))
+		}
+	}
+	return rs
+}
+
+// checkServingCert verifies the certificate the injector serves against a
+// webhook entry's caBundle for the Service's DNS name, as the API server
+// does.
+func checkServingCert(s Snapshot, entry string, bundle []byte, svc, ns string, now time.Time) Result {
+	const check = "webhook-certificate"
+	if len(s.ServingCert) == 0 {
+		if e, bad := s.Errors["serving-certificate"]; bad {
+			return warn(check, entry, "cannot read the injector's certificate: "+e, "run with credentials that may read Secrets in "+s.Install.Namespace)
+		}
+		return fail(check, entry, "the injector has no certificate (Secrets "+strings.Join(s.Install.CertSecrets, ", ")+" hold none)",
+			"self mode: the injector's log and RBAC; cert-manager: kubectl describe certificate")
+	}
+	var chain []*x509.Certificate
+	rest := s.ServingCert
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		if c, err := x509.ParseCertificate(b.Bytes); err == nil {
+			chain = append(chain, c)
+		}
+	}
+	if len(chain) == 0 {
+		return fail(check, entry, "the injector's certificate in Secret "+s.ServingCertSecret+" does not parse", "delete the Secret's data; the injector (or cert-manager) makes a new one")
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(bundle) {
+		return fail(check, entry, "the caBundle holds no PEM certificate", "restore the install's webhook configuration")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	host := svc + "." + ns + ".svc"
+	if _, err := chain[0].Verify(x509.VerifyOptions{DNSName: host, Roots: roots, Intermediates: inter, CurrentTime: now}); err != nil {
+		return fail(check, entry, fmt.Sprintf("the caBundle does not verify the certificate the injector serves for %s: %v; the API server's calls fail and pods start without the agent", host, err),
+			"self mode: the injector repairs the bundle within a minute when it runs (check its log); otherwise reapply cert-manager's inject-ca-from")
+	}
+	left := chain[0].NotAfter.Sub(now)
+	if left < 7*24*time.Hour {
+		return warn(check, entry, fmt.Sprintf("verified, but it expires in %s", left.Round(time.Hour)), "check that rotation runs (the injector's log, or cert-manager)")
+	}
+	return ok(check, entry, fmt.Sprintf("the caBundle verifies the served certificate for %s (valid until %s)", host, chain[0].NotAfter.UTC().Format(time.DateOnly)))
+}
+
+func short(names []string) string {
+	if len(names) > 5 {
+		return strings.Join(names[:5], ", ") + fmt.Sprintf(" and %d more", len(names)-5)
+	}
+	return strings.Join(names, ", ")
+}

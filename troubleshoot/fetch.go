@@ -1,0 +1,224 @@
+package troubleshoot
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/yaml"
+)
+
+// Scope says what Fetch reads beyond the cluster parts.
+type Scope struct {
+	// Namespace whose pods are checked; empty: none.
+	Namespace string
+	// Pod limits the namespace checks to one pod.
+	Pod string
+}
+
+// errNotFound marks a 404 from the API server.
+var errNotFound = errors.New("not found")
+
+// reader GETs API paths as JSON with the user's credentials. It uses no
+// typed clientset, which would link every API group into the binary.
+type reader struct {
+	host   string
+	client *http.Client
+}
+
+func (r reader) get(ctx context.Context, path string, into any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(r.host, "/")+path, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return err
+	}
+	switch {
+	case resp.StatusCode == http.StatusNotFound:
+		return errNotFound
+	case resp.StatusCode != http.StatusOK:
+		var st struct {
+			Message string `json:"message"`
+		}
+		_ = json.Unmarshal(body, &st)
+		return fmt.Errorf("GET %s: %s: %s", path, resp.Status, st.Message)
+	}
+	return json.Unmarshal(body, into)
+}
+
+// Fetch reads what the checks need. An object that does not exist stays
+// nil; what cannot be read (forbidden, say) is recorded in Errors and its
+// check reports that instead of guessing. The error is for the API server
+// not answering at all.
+func Fetch(ctx context.Context, cfg *rest.Config, inst Install, scope Scope) (Snapshot, error) {
+	inst.defaults()
+	hc, err := rest.HTTPClientFor(cfg)
+	if err != nil {
+		return Snapshot{}, fmt.Errorf("kubernetes client: %w", err)
+	}
+	r := reader{host: cfg.Host, client: hc}
+	s := Snapshot{Install: inst, Errors: map[string]string{}, ServiceEndpoints: map[string][]discoveryv1.EndpointSlice{}}
+	// The first read tells whether the API server answers at all.
+	var nodes corev1.NodeList
+	if err := r.get(ctx, "/api/v1/nodes", &nodes); err != nil {
+		if !strings.Contains(err.Error(), "Forbidden") {
+			return s, fmt.Errorf("reading nodes: %w", err)
+		}
+		s.Errors["nodes"] = err.Error()
+	}
+	s.Nodes = nodes.Items
+	note := func(what string, err error) bool {
+		if err == nil {
+			return true
+		}
+		if !errors.Is(err, errNotFound) {
+			s.Errors[what] = err.Error()
+		}
+		return false
+	}
+	var d storagev1.CSIDriver
+	if note("csidriver", r.get(ctx, "/apis/storage.k8s.io/v1/csidrivers/"+inst.DriverName, &d)) {
+		s.CSIDriver = &d
+	}
+	var ds appsv1.DaemonSet
+	if note("daemonset", r.get(ctx, fmt.Sprintf("/apis/apps/v1/namespaces/%s/daemonsets/%s", inst.Namespace, inst.DaemonSet), &ds)) {
+		s.DaemonSet = &ds
+		var pods corev1.PodList
+		sel := labelSelector(ds.Spec.Selector.MatchLabels)
+		if note("driver-pods", r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/pods?labelSelector=%s", inst.Namespace, url.QueryEscape(sel)), &pods)) {
+			s.DriverPods = pods.Items
+		}
+	}
+	var csiNodes storagev1.CSINodeList
+	if note("csinodes", r.get(ctx, "/apis/storage.k8s.io/v1/csinodes", &csiNodes)) {
+		s.CSINodes = csiNodes.Items
+	}
+	var w admissionregistrationv1.MutatingWebhookConfiguration
+	if note("webhook", r.get(ctx, "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/"+inst.Webhook, &w)) {
+		s.Webhook = &w
+		for _, h := range w.Webhooks {
+			svc := h.ClientConfig.Service
+			if svc == nil {
+				continue
+			}
+			key := svc.Namespace + "/" + svc.Name
+			if _, done := s.ServiceEndpoints[key]; done {
+				continue
+			}
+			var slices discoveryv1.EndpointSliceList
+			if note("endpoints", r.get(ctx, fmt.Sprintf("/apis/discovery.k8s.io/v1/namespaces/%s/endpointslices?labelSelector=%s",
+				svc.Namespace, url.QueryEscape("kubernetes.io/service-name="+svc.Name)), &slices)) {
+				s.ServiceEndpoints[key] = slices.Items
+			}
+		}
+	}
+	for _, name := range inst.CertSecrets {
+		var sec corev1.Secret
+		err := r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/secrets/%s", inst.Namespace, name), &sec)
+		if err == nil && len(sec.Data["tls.crt"]) > 0 {
+			s.ServingCert, s.ServingCertSecret = sec.Data["tls.crt"], name
+			break
+		}
+		if err != nil && !errors.Is(err, errNotFound) {
+			s.Errors["serving-certificate"] = err.Error()
+		}
+	}
+	var cm corev1.ConfigMap
+	if note("node-config", r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/configmaps/%s", inst.Namespace, inst.NodeConfig), &cm)) {
+		s.TenantHosts = tenantHosts(cm.Data["config.yaml"])
+	}
+	var mesh corev1.ConfigMap
+	if note("istio-mesh", r.get(ctx, "/api/v1/namespaces/istio-system/configmaps/istio", &mesh)) {
+		m := mesh.Data["mesh"]
+		s.MeshConfig = &m
+		var entries struct {
+			Items []struct {
+				Spec struct {
+					Hosts []string `json:"hosts"`
+				} `json:"spec"`
+			} `json:"items"`
+		}
+		if note("serviceentries", r.get(ctx, "/apis/networking.istio.io/v1/serviceentries", &entries)) {
+			s.ServiceEntryHosts = []string{}
+			for _, e := range entries.Items {
+				s.ServiceEntryHosts = append(s.ServiceEntryHosts, e.Spec.Hosts...)
+			}
+		}
+	}
+	if scope.Namespace == "" {
+		return s, nil
+	}
+	var ns corev1.Namespace
+	if err := r.get(ctx, "/api/v1/namespaces/"+scope.Namespace, &ns); err != nil {
+		return s, fmt.Errorf("namespace %s: %w", scope.Namespace, err)
+	}
+	s.Namespace = &ns
+	if scope.Pod != "" {
+		var p corev1.Pod
+		if err := r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/pods/%s", scope.Namespace, scope.Pod), &p); err != nil {
+			return s, fmt.Errorf("pod %s/%s: %w", scope.Namespace, scope.Pod, err)
+		}
+		s.Pods = []corev1.Pod{p}
+	} else {
+		var pods corev1.PodList
+		if note("pods", r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/pods", scope.Namespace), &pods)) {
+			s.Pods = pods.Items
+		}
+	}
+	var events corev1.EventList
+	if note("events", r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/events?fieldSelector=%s", scope.Namespace, url.QueryEscape("reason=FailedMount")), &events)) {
+		s.Events = events.Items
+	}
+	var nps networkingv1.NetworkPolicyList
+	if note("networkpolicies", r.get(ctx, fmt.Sprintf("/apis/networking.k8s.io/v1/namespaces/%s/networkpolicies", scope.Namespace), &nps)) {
+		s.NetworkPolicies = nps.Items
+	}
+	return s, nil
+}
+
+func labelSelector(m map[string]string) string {
+	var parts []string
+	for k, v := range m {
+		parts = append(parts, k+"="+v)
+	}
+	return strings.Join(parts, ",")
+}
+
+// tenantHosts are the hosts of the apiURLs in a node config file.
+func tenantHosts(config string) []string {
+	var cfg struct {
+		Tenants []struct {
+			APIURL string `json:"apiURL"`
+		} `json:"tenants"`
+	}
+	if yaml.Unmarshal([]byte(config), &cfg) != nil {
+		return nil
+	}
+	var out []string
+	for _, t := range cfg.Tenants {
+		if u, err := url.Parse(t.APIURL); err == nil && u.Hostname() != "" {
+			out = append(out, u.Hostname())
+		}
+	}
+	return out
+}
