@@ -28,6 +28,7 @@ var env struct {
 	tenant     *faketenant.Server
 	tenantCA   []byte
 	k8sBin     string
+	bin        string
 	work       string
 	skipReason string
 }
@@ -82,6 +83,7 @@ func run(m *testing.M) int {
 	if out, err := exec.Command("gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", so, "../agentso/liboneagentproc.c").CombinedOutput(); err != nil {
 		return fail(fmt.Errorf("gcc: %w\n%s", err, out))
 	}
+	env.bin = bin
 	soBytes, err := os.ReadFile(so)
 	if err != nil {
 		return fail(err)
