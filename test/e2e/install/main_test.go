@@ -51,11 +51,6 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "install e2e setup:", err)
 		return 1
 	}
-	for _, p := range []string{dataDir, pluginDir} {
-		if _, err := os.Stat(p); err == nil {
-			return fail(fmt.Errorf("%s exists: this test installs on a node without oneagent-csi (remove it first)", p))
-		}
-	}
 	env.k8sBin = os.Getenv("E2E_K8S_BIN")
 	if env.k8sBin == "" {
 		out, err := exec.Command("../scripts/build-k8s.sh").Output()
@@ -96,6 +91,14 @@ func run(m *testing.M) int {
 	}
 	env.c = c
 	code := 1
+	// Checked once this run holds the machine (cluster.Start waits for
+	// any other cluster to stop).
+	for _, p := range []string{dataDir, pluginDir} {
+		if entries, _ := os.ReadDir(p); len(entries) > 0 {
+			c.Stop()
+			return fail(fmt.Errorf("%s is not empty: this test installs on a node without oneagent-csi (remove it first)", p))
+		}
+	}
 	defer func() {
 		if code != 0 {
 			fmt.Fprintln(os.Stderr, c.LogTails())
