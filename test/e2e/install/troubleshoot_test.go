@@ -199,4 +199,3 @@ func setNodeConfig(t *testing.T, config string) {
 	kubectl(t, "-n", namespace, "rollout", "restart", "daemonset/oneagent-csi-node")
 	kubectl(t, "-n", namespace, "rollout", "status", "daemonset/oneagent-csi-node", "--timeout=180s")
 }
-
