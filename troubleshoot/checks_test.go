@@ -23,6 +23,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
 var now = time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
@@ -196,6 +197,24 @@ func TestNamespaceAndIstioChecks(t *testing.T) {
 			s.Pods = []corev1.Pod{pod("a", injected)}
 			s.NetworkPolicies = []networkingv1.NetworkPolicy{denyEgress, allow443}
 		}, "pod-egress", ""},
+		{"volume published", func(s *Snapshot) {
+			p := pod("a", injected)
+			p.UID, p.Spec.NodeName = "uid-a", "n1"
+			s.Pods = []corev1.Pod{p}
+			s.NodeVolumes = map[string][]storage.Volume{"n1": {{PodUID: "uid-a", State: storage.VolumePublished, Tenant: "prod"}}}
+		}, "pod-volume", OK},
+		{"volume failed open", func(s *Snapshot) {
+			p := pod("a", injected)
+			p.UID, p.Spec.NodeName = "uid-a", "n1"
+			s.Pods = []corev1.Pod{p}
+			s.NodeVolumes = map[string][]storage.Volume{"n1": {{PodUID: "uid-a", State: storage.VolumeFailedOpen, Reason: "unknown tenant"}}}
+		}, "pod-volume", Failure},
+		{"volume pending", func(s *Snapshot) {
+			p := pod("a", injected)
+			p.UID, p.Spec.NodeName = "uid-a", "n1"
+			s.Pods = []corev1.Pod{p}
+			s.NodeVolumes = map[string][]storage.Volume{"n1": {{PodUID: "uid-a", State: storage.VolumePending}}}
+		}, "pod-volume", Warning},
 		{"registry only without entries", func(s *Snapshot) { s.MeshConfig, s.ServiceEntryHosts = &registryOnly, []string{} }, "istio-egress", Failure},
 		{"registry only with a wildcard entry", func(s *Snapshot) {
 			s.MeshConfig, s.ServiceEntryHosts = &registryOnly, []string{"*.live.dynatrace.com"}

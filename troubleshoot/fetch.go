@@ -18,6 +18,9 @@ import (
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/yaml"
+
+	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
 // Scope says what Fetch reads beyond the cluster parts.
@@ -188,6 +191,31 @@ func Fetch(ctx context.Context, cfg *rest.Config, inst Install, scope Scope) (Sn
 	var events corev1.EventList
 	if note("events", r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/events?fieldSelector=%s", scope.Namespace, url.QueryEscape("reason=FailedMount")), &events)) {
 		s.Events = events.Items
+	}
+	s.NodeVolumes = map[string][]storage.Volume{}
+	for _, p := range s.Pods {
+		node := p.Spec.NodeName
+		if _, asked := s.NodeVolumes[node]; asked || node == "" || p.Annotations[api.InjectedAnnotation] != "true" {
+			continue
+		}
+		if _, failed := s.Errors["volumes on "+node]; failed {
+			continue
+		}
+		driver := ""
+		for _, d := range s.DriverPods {
+			if d.Spec.NodeName == node && d.Status.Phase == corev1.PodRunning && d.DeletionTimestamp == nil {
+				driver = d.Name
+			}
+		}
+		if driver == "" {
+			continue // the daemonset check reports the node
+		}
+		vols, err := nodeVolumes(ctx, cfg, inst.Namespace, driver)
+		if err != nil {
+			s.Errors["volumes on "+node] = err.Error()
+			continue
+		}
+		s.NodeVolumes[node] = vols
 	}
 	var nps networkingv1.NetworkPolicyList
 	if note("networkpolicies", r.get(ctx, fmt.Sprintf("/apis/networking.k8s.io/v1/namespaces/%s/networkpolicies", scope.Namespace), &nps)) {

@@ -11,6 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
 // Namespace checks the pods of s.Namespace (all of s.Pods): opted in,
@@ -80,12 +81,45 @@ func checkPod(s Snapshot, p corev1.Pod, optedIn bool) []Result {
 		}
 	}
 	if p.Annotations[api.InjectedAnnotation] == "true" {
+		if r, checked := checkVolume(s, p); checked {
+			rs = append(rs, r)
+		}
 		if np := blockingEgress(s.NetworkPolicies, p); np != "" {
 			rs = append(rs, warn("pod-egress", subject, "NetworkPolicy "+np+" selects this pod for egress and allows no TCP 443: the agent cannot reach the tenant",
 				"add an egress rule for TCP 443 to the tenant (or its ActiveGate) to "+np))
 		}
 	}
 	return rs
+}
+
+// checkVolume reports the driver's record of p's agent volume on its node:
+// published, still waiting for the code module, or failed open (the pod
+// runs without the agent) with the driver's reason.
+func checkVolume(s Snapshot, p corev1.Pod) (Result, bool) {
+	vols, asked := s.NodeVolumes[p.Spec.NodeName]
+	if !asked {
+		return Result{}, false
+	}
+	subject := p.Namespace + "/" + p.Name
+	for _, v := range vols {
+		if v.PodUID != string(p.UID) && (v.PodNamespace != p.Namespace || v.PodName != p.Name) {
+			continue
+		}
+		switch v.State {
+		case storage.VolumePublished:
+			return ok("pod-volume", subject, fmt.Sprintf("agent volume published on %s (tenant %s, version %s)", p.Spec.NodeName, v.Tenant, v.Version)), true
+		case storage.VolumePending:
+			return warn("pod-volume", subject, fmt.Sprintf("the driver on %s is still getting the code module (since %s); the pod waits at most retryTimeout",
+				p.Spec.NodeName, v.FirstAttempt.UTC().Format("15:04:05")), "the driver's log on "+p.Spec.NodeName+" says why (tenant reachable? token?)"), true
+		case storage.VolumeFailedOpen:
+			return fail("pod-volume", subject, "the agent volume failed open, the pod runs without the agent: "+v.Reason,
+				"fix the cause, then recreate the pod"), true
+		}
+	}
+	if p.Status.Phase == corev1.PodRunning {
+		return warn("pod-volume", subject, "the driver on "+p.Spec.NodeName+" has no record of this pod's volume", "the driver's log on "+p.Spec.NodeName), true
+	}
+	return Result{}, false
 }
 
 // blockingEgress names a NetworkPolicy that restricts p's egress without

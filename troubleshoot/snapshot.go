@@ -7,6 +7,8 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	storagev1 "k8s.io/api/storage/v1"
+
+	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
 // Install names the objects of an installation (deploy/kubernetes, the
@@ -75,6 +77,10 @@ type Snapshot struct {
 	Pods            []corev1.Pod
 	Events          []corev1.Event
 	NetworkPolicies []networkingv1.NetworkPolicy
+	// NodeVolumes are the driver's volume records by node, for the nodes
+	// of the checked pods; a node whose driver could not be asked is in
+	// Errors as "volumes on <node>".
+	NodeVolumes map[string][]storage.Volume
 
 	// Istio: nil MeshConfig means Istio's config map was not found.
 	MeshConfig *string

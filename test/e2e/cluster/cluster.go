@@ -352,13 +352,17 @@ func (c *Cluster) importImages() error {
 		if err := os.MkdirAll(initRoot, 0o755); err != nil {
 			return err
 		}
-		if err := copyFile(c.OneAgentCSI, filepath.Join(initRoot, "oneagent-csi"), 0o755); err != nil {
+		// Where the Dockerfile and make image put it.
+		if err := os.MkdirAll(filepath.Join(initRoot, "usr/local/bin"), 0o755); err != nil {
+			return err
+		}
+		if err := copyFile(c.OneAgentCSI, filepath.Join(initRoot, "usr/local/bin/oneagent-csi"), 0o755); err != nil {
 			return err
 		}
 		images = append(images, struct {
 			ref, rootfs string
 			entry       []string
-		}{InitImage, initRoot, []string{"/oneagent-csi"}})
+		}{InitImage, initRoot, []string{"/usr/local/bin/oneagent-csi"}})
 	}
 	for _, im := range images {
 		tarball := filepath.Join(img, strings.NewReplacer("/", "_", ":", "_").Replace(im.ref)+".tar")

@@ -97,7 +97,7 @@ func TestTroubleshoot(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d on a healthy install", code)
 	}
-	for _, c := range []string{"csidriver", "daemonset", "registration", "webhook-certificate", "webhook-endpoints", "namespace", "pod-injected"} {
+	for _, c := range []string{"csidriver", "daemonset", "registration", "webhook-certificate", "webhook-endpoints", "namespace", "pod-injected", "pod-volume"} {
 		found := false
 		for _, r := range rs {
 			found = found || r.Check == c
@@ -118,6 +118,20 @@ func TestTroubleshoot(t *testing.T) {
 		runningPod(ctx, t, "ts-late", "late")
 		kubectl(t, "label", "namespace", "ts-late", api.InjectLabel+"=true")
 		expect(ctx, t, "pod-injected", troubleshoot.Failure, "--namespace", "ts-late")
+	})
+	t.Run("volume failed open", func(t *testing.T) {
+		// A tenant the node does not know: the driver fails open at once and
+		// records why; troubleshoot reads it from the node's driver.
+		d := appDeployment("lost", apps)
+		tmpl := d["spec"].(map[string]any)["template"].(map[string]any)["metadata"].(map[string]any)
+		tmpl["annotations"] = map[string]any{api.TenantAnnotation: "nope"}
+		applyObjects(t, d)
+		runningPod(ctx, t, apps, "lost")
+		r := expect(ctx, t, "pod-volume", troubleshoot.Failure, "--namespace", apps)
+		if !strings.Contains(r.Message, "nope") {
+			t.Errorf("the failure does not give the driver's reason: %+v", r)
+		}
+		kubectl(t, "-n", apps, "delete", "deployment", "lost", "--wait")
 	})
 	t.Run("egress blocked by a NetworkPolicy", func(t *testing.T) {
 		np := map[string]any{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
