@@ -3,11 +3,13 @@ package driver
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 
 	"k8s.io/klog/v2"
 
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
@@ -18,6 +20,9 @@ const (
 	AdminDu        = "/v1/du"
 	AdminVerify    = "/v1/verify"
 	AdminGC        = "/v1/gc"
+	// AdminTenantCheck makes the calls the driver makes to the tenants
+	// (?tenant=<name> for one).
+	AdminTenantCheck = "/v1/tenant-check"
 )
 
 // AdminHandler serves the Inspector as JSON: GET artifacts[/<key>],
@@ -59,6 +64,13 @@ func AdminHandler(in *Inspector) http.Handler {
 	})
 	mux.HandleFunc("POST "+AdminVerify, func(w http.ResponseWriter, r *http.Request) {
 		v, err := in.Verify(r.Context(), r.URL.Query().Get("artifact"))
+		reply(w, v, err)
+	})
+	mux.HandleFunc("POST "+AdminTenantCheck, func(w http.ResponseWriter, r *http.Request) {
+		v, err := in.TenantCheck(r.Context(), r.URL.Query().Get("tenant"))
+		if errors.Is(err, provisioner.ErrUnknownTenant) {
+			err = fmt.Errorf("%w: %w", storage.ErrNotFound, err)
+		}
 		reply(w, v, err)
 	})
 	mux.HandleFunc("POST "+AdminGC, func(w http.ResponseWriter, r *http.Request) {

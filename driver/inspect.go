@@ -29,6 +29,9 @@ type Inspector struct {
 	MountInfo func() ([]mount.MountInfo, error)
 	// GC runs a cache GC pass; nil offline.
 	GC func(ctx context.Context, dryRun bool) (provisioner.GCReport, error)
+	// CheckTenants asks the tenants now, as the driver does (all, or the
+	// named one); nil offline.
+	CheckTenants func(ctx context.Context, tenant string) ([]provisioner.TenantCheck, error)
 }
 
 func (in *Inspector) fs() afero.Fs {
@@ -116,6 +119,14 @@ func (in *Inspector) Verify(ctx context.Context, key string) ([]storage.VerifyRe
 }
 
 // RunGC runs (or with dryRun plans) a GC pass in the node process.
+// TenantCheck runs CheckTenants.
+func (in *Inspector) TenantCheck(ctx context.Context, tenant string) ([]provisioner.TenantCheck, error) {
+	if in.CheckTenants == nil {
+		return nil, fmt.Errorf("tenant check: %w", ErrOffline)
+	}
+	return in.CheckTenants(ctx, tenant)
+}
+
 func (in *Inspector) RunGC(ctx context.Context, dryRun bool) (provisioner.GCReport, error) {
 	if in.GC == nil {
 		return provisioner.GCReport{}, fmt.Errorf("gc: %w", ErrOffline)

@@ -23,6 +23,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
@@ -74,6 +75,8 @@ func healthy(t *testing.T) Snapshot {
 			{Addresses: []string{"10.0.0.5"}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}}}}}},
 		ServingCert: leaf, ServingCertSecret: "oneagent-csi-injector-certs",
 		TenantHosts: []string{"abc.live.dynatrace.com"},
+		TenantChecks: map[string][]provisioner.TenantCheck{"n1": {{Tenant: "prod", Steps: []provisioner.CheckStep{
+			{Name: "dns", OK: true}, {Name: "api", OK: true}, {Name: "version", OK: true}}}}},
 	}
 }
 
@@ -121,6 +124,10 @@ func TestClusterChecks(t *testing.T) {
 			s.ServingCert = nil
 			s.Errors = map[string]string{"serving-certificate": "403 Forbidden"}
 		}, "webhook-certificate", Warning, "cannot read"},
+		{"token refused from a node", func(_ *testing.T, s *Snapshot) {
+			s.TenantChecks["n1"][0].Steps[1] = provisioner.CheckStep{Name: "api", Detail: "tenant refused the token"}
+			s.TenantChecks["n1"][0].Steps = s.TenantChecks["n1"][0].Steps[:2]
+		}, "tenant", Failure, "api: tenant refused the token"},
 		{"no ready endpoint", func(_ *testing.T, s *Snapshot) {
 			s.ServiceEndpoints["oneagent-csi/oneagent-csi-injector"][0].Endpoints[0].Conditions.Ready = ptr.To(false)
 		}, "webhook-endpoints", Failure, "no ready endpoint"},

@@ -21,6 +21,45 @@ func Cluster(s Snapshot, now time.Time) []Result {
 	rs = append(rs, checkDaemonSet(s)...)
 	rs = append(rs, checkRegistration(s)...)
 	rs = append(rs, checkWebhook(s, now)...)
+	rs = append(rs, checkTenants(s)...)
+	return rs
+}
+
+// checkTenants reports the tenant checks the drivers ran: one result per
+// tenant and node, naming the first failing step.
+func checkTenants(s Snapshot) []Result {
+	nodes := make([]string, 0, len(s.TenantChecks))
+	for n := range s.TenantChecks {
+		nodes = append(nodes, n)
+	}
+	sort.Strings(nodes)
+	var rs []Result
+	for _, node := range nodes {
+		for _, c := range s.TenantChecks[node] {
+			subject := c.Tenant + " from " + node
+			failed := false
+			for _, st := range c.Steps {
+				if st.OK {
+					continue
+				}
+				fix := map[string]string{
+					"dns":     "the node's DNS must resolve the tenant host (or set tenants[].proxy)",
+					"api":     "a refused token: a PaaS token with InstallerDownload in the tokens Secret; TLS: tenants[].caFile; unreachable: NetworkPolicy egress, proxy, firewall",
+					"version": "pin a version the tenant offers, or use latest",
+				}[st.Name]
+				rs = append(rs, fail("tenant", subject, st.Name+": "+st.Detail, fix))
+				failed = true
+				break
+			}
+			if !failed {
+				var parts []string
+				for _, st := range c.Steps {
+					parts = append(parts, st.Detail)
+				}
+				rs = append(rs, ok("tenant", subject, strings.Join(parts, "; ")))
+			}
+		}
+	}
 	return rs
 }
 

@@ -20,6 +20,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
@@ -168,7 +169,9 @@ func Fetch(ctx context.Context, cfg *rest.Config, inst Install, scope Scope) (Sn
 			}
 		}
 	}
+	s.TenantChecks = map[string][]provisioner.TenantCheck{}
 	if scope.Namespace == "" {
+		s.fetchTenantChecks(ctx, cfg, nil)
 		return s, nil
 	}
 	var ns corev1.Namespace
@@ -217,6 +220,13 @@ func Fetch(ctx context.Context, cfg *rest.Config, inst Install, scope Scope) (Sn
 		}
 		s.NodeVolumes[node] = vols
 	}
+	podNodes := map[string]bool{}
+	for _, p := range s.Pods {
+		if p.Spec.NodeName != "" {
+			podNodes[p.Spec.NodeName] = true
+		}
+	}
+	s.fetchTenantChecks(ctx, cfg, podNodes)
 	var nps networkingv1.NetworkPolicyList
 	if note("networkpolicies", r.get(ctx, fmt.Sprintf("/apis/networking.k8s.io/v1/namespaces/%s/networkpolicies", scope.Namespace), &nps)) {
 		s.NetworkPolicies = nps.Items
@@ -249,4 +259,29 @@ func tenantHosts(config string) []string {
 		}
 	}
 	return out
+}
+
+// fetchTenantChecks runs the tenant check in the driver pod of each node in
+// nodes, or of the first node with a running driver when nodes is empty:
+// a fleet's nodes see the tenant alike unless their network differs, and
+// asking all of them would cost the tenant a call per node.
+func (s *Snapshot) fetchTenantChecks(ctx context.Context, cfg *rest.Config, nodes map[string]bool) {
+	for _, d := range s.DriverPods {
+		node := d.Spec.NodeName
+		if d.Status.Phase != corev1.PodRunning || d.DeletionTimestamp != nil || (len(nodes) > 0 && !nodes[node]) {
+			continue
+		}
+		if _, done := s.TenantChecks[node]; done {
+			continue
+		}
+		checks, err := nodeTenantChecks(ctx, cfg, s.Install.Namespace, d.Name)
+		if err != nil {
+			s.Errors["tenant check on "+node] = err.Error()
+		} else {
+			s.TenantChecks[node] = checks
+		}
+		if len(nodes) == 0 {
+			return
+		}
+	}
 }

@@ -8,6 +8,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	storagev1 "k8s.io/api/storage/v1"
 
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
@@ -81,6 +82,9 @@ type Snapshot struct {
 	// of the checked pods; a node whose driver could not be asked is in
 	// Errors as "volumes on <node>".
 	NodeVolumes map[string][]storage.Volume
+	// TenantChecks are the tenant checks run by the drivers, by node: on
+	// the nodes of the checked pods, or on one node without a namespace.
+	TenantChecks map[string][]provisioner.TenantCheck
 
 	// Istio: nil MeshConfig means Istio's config map was not found.
 	MeshConfig *string

@@ -32,6 +32,7 @@ type cacheAPI interface {
 	Du(ctx context.Context) (storage.DiskUsage, error)
 	Verify(ctx context.Context, key string) ([]storage.VerifyResult, error)
 	RunGC(ctx context.Context, dryRun bool) (provisioner.GCReport, error)
+	TenantCheck(ctx context.Context, tenant string) ([]provisioner.TenantCheck, error)
 }
 
 type cacheFlags struct {
@@ -44,7 +45,7 @@ func newCacheCommand() *cobra.Command {
 	f := &cacheFlags{}
 	cmd := &cobra.Command{
 		Use:   "cache",
-		Short: "Inspect the node's code module cache (ls, show, volumes, verify, du, gc)",
+		Short: "Inspect the node's code module cache (ls, show, volumes, verify, du, gc) and check its tenants (tenant-check)",
 		Long: `Inspect the node's cache. Asks the running node process over its admin socket; with --offline it opens
 index.db read-only instead (for a node process that is down; gc is not available then). Run it in the node pod:
   kubectl exec -n oneagent-csi ds/oneagent-csi-node -- oneagent-csi cache ls`,
@@ -81,7 +82,28 @@ index.db read-only instead (for a node process that is down; gc is not available
 			return f.print(out, rep, func(w *tabwriter.Writer) { printGC(w, rep) })
 		})
 	gc.Flags().BoolVar(&dryRun, "dry-run", false, "only report what would be deleted")
+	tenantCheck := run("tenant-check [tenant]", "Ask the tenants now as the driver does (DNS, TLS, token, version); exit 1 when one fails", cobra.MaximumNArgs(1),
+		func(ctx context.Context, api cacheAPI, args []string, out io.Writer) error {
+			name := ""
+			if len(args) == 1 {
+				name = args[0]
+			}
+			v, err := api.TenantCheck(ctx, name)
+			if err != nil {
+				return err
+			}
+			if err := f.print(out, v, func(w *tabwriter.Writer) { printTenantCheck(w, v) }); err != nil {
+				return err
+			}
+			for _, c := range v {
+				if !c.OK() {
+					return fmt.Errorf("tenant-check: tenant %s fails", c.Tenant)
+				}
+			}
+			return nil
+		})
 	cmd.AddCommand(
+		tenantCheck,
 		run("ls", "List cached code modules", cobra.NoArgs, func(ctx context.Context, api cacheAPI, _ []string, out io.Writer) error {
 			v, err := api.Artifacts(ctx)
 			if err != nil {
@@ -391,6 +413,23 @@ func (c *adminClient) Verify(ctx context.Context, key string) (v []storage.Verif
 	return v, c.call(ctx, http.MethodPost, driver.AdminVerify, q, &v)
 }
 
+func (c *adminClient) TenantCheck(ctx context.Context, tenant string) (v []provisioner.TenantCheck, err error) {
+	q := url.Values{}
+	if tenant != "" {
+		q.Set("tenant", tenant)
+	}
+	return v, c.call(ctx, http.MethodPost, driver.AdminTenantCheck, q, &v)
+}
+
 func (c *adminClient) RunGC(ctx context.Context, dryRun bool) (v provisioner.GCReport, err error) {
 	return v, c.call(ctx, http.MethodPost, driver.AdminGC, url.Values{"dryRun": {fmt.Sprint(dryRun)}}, &v)
+}
+
+func printTenantCheck(w *tabwriter.Writer, v []provisioner.TenantCheck) {
+	fmt.Fprintln(w, "TENANT\tSTEP\tOK\tDETAIL")
+	for _, c := range v {
+		for _, s := range c.Steps {
+			fmt.Fprintf(w, "%s\t%s\t%v\t%s\n", c.Tenant, s.Name, s.OK, s.Detail)
+		}
+	}
 }

@@ -160,7 +160,10 @@ func runNode(ctx context.Context, cfg NodeConfig) error {
 		if err != nil {
 			return fmt.Errorf("adminSocket: %w", err)
 		}
-		inspector := &driver.Inspector{Index: idx, Layout: layout, GC: prov.GC}
+		inspector := &driver.Inspector{Index: idx, Layout: layout, GC: prov.GC,
+			CheckTenants: func(ctx context.Context, tenant string) ([]provisioner.TenantCheck, error) {
+				return prov.CheckTenants(ctx, tenant, 20*time.Second)
+			}}
 		serveHTTP(g, gctx, adminLn, driver.AdminHandler(inspector), "admin")
 		log.Info("serving the cache admin API", "socket", cfg.AdminSocket)
 	}

@@ -97,7 +97,7 @@ func TestTroubleshoot(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d on a healthy install", code)
 	}
-	for _, c := range []string{"csidriver", "daemonset", "registration", "webhook-certificate", "webhook-endpoints", "namespace", "pod-injected", "pod-volume"} {
+	for _, c := range []string{"csidriver", "daemonset", "registration", "webhook-certificate", "webhook-endpoints", "namespace", "pod-injected", "pod-volume", "tenant"} {
 		found := false
 		for _, r := range rs {
 			found = found || r.Check == c
@@ -132,6 +132,17 @@ func TestTroubleshoot(t *testing.T) {
 			t.Errorf("the failure does not give the driver's reason: %+v", r)
 		}
 		kubectl(t, "-n", apps, "delete", "deployment", "lost", "--wait")
+	})
+	t.Run("tenant refuses the token", func(t *testing.T) {
+		// Asked from the node, with the driver's own client and token.
+		good := env.tenant.Token()
+		env.tenant.SetToken("rotated-elsewhere")
+		r := expect(ctx, t, "tenant", troubleshoot.Failure, "--namespace", apps)
+		env.tenant.SetToken(good)
+		if !strings.HasPrefix(r.Message, "api: ") || !strings.Contains(r.Subject, cluster.NodeName) {
+			t.Errorf("%+v", r)
+		}
+		expect(ctx, t, "tenant", troubleshoot.OK, "--namespace", apps)
 	})
 	t.Run("egress blocked by a NetworkPolicy", func(t *testing.T) {
 		np := map[string]any{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
