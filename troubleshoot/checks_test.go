@@ -222,6 +222,16 @@ func TestNamespaceAndIstioChecks(t *testing.T) {
 			s.Pods = []corev1.Pod{p}
 			s.NodeVolumes = map[string][]storage.Volume{"n1": {{PodUID: "uid-a", State: storage.VolumePending}}}
 		}, "pod-volume", Warning},
+		{"envoy metrics missing", func(s *Snapshot) {
+			p := pod("a", injected)
+			p.Spec.Containers = []corev1.Container{{Name: "app"}, {Name: "istio-proxy"}}
+			s.Pods, s.EnvoyMetrics = []corev1.Pod{p}, true
+		}, "istio-envoy-metrics", Warning},
+		{"envoy metrics annotated", func(s *Snapshot) {
+			p := pod("a", map[string]string{api.InjectedAnnotation: "true", "metrics.dynatrace.com/scrape": "true"})
+			p.Spec.Containers = []corev1.Container{{Name: "app"}, {Name: "istio-proxy"}}
+			s.Pods, s.EnvoyMetrics = []corev1.Pod{p}, true
+		}, "istio-envoy-metrics", OK},
 		{"registry only without entries", func(s *Snapshot) { s.MeshConfig, s.ServiceEntryHosts = &registryOnly, []string{} }, "istio-egress", Failure},
 		{"registry only with a wildcard entry", func(s *Snapshot) {
 			s.MeshConfig, s.ServiceEntryHosts = &registryOnly, []string{"*.live.dynatrace.com"}

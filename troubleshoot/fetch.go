@@ -151,6 +151,14 @@ func Fetch(ctx context.Context, cfg *rest.Config, inst Install, scope Scope) (Sn
 	if note("node-config", r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/configmaps/%s", inst.Namespace, inst.NodeConfig), &cm)) {
 		s.TenantHosts = tenantHosts(cm.Data["config.yaml"])
 	}
+	var icm corev1.ConfigMap
+	if note("injector-config", r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/configmaps/%s", inst.Namespace, inst.InjectorConfig), &icm)) {
+		var ic struct {
+			EnvoyMetrics bool `json:"envoyMetrics"`
+		}
+		_ = yaml.Unmarshal([]byte(icm.Data["injector.yaml"]), &ic)
+		s.EnvoyMetrics = ic.EnvoyMetrics
+	}
 	var mesh corev1.ConfigMap
 	if note("istio-mesh", r.get(ctx, "/api/v1/namespaces/istio-system/configmaps/istio", &mesh)) {
 		m := mesh.Data["mesh"]

@@ -8,6 +8,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/injector"
 )
 
 // Istio checks the mesh: with outboundTrafficPolicy REGISTRY_ONLY every
@@ -45,8 +46,38 @@ func Istio(s Snapshot) []Result {
 		if r, found := checkPlacement(p); found {
 			rs = append(rs, r)
 		}
+		if r, found := checkEnvoyMetrics(s, p); found {
+			rs = append(rs, r)
+		}
 	}
 	return rs
+}
+
+// checkEnvoyMetrics: with envoyMetrics on, a meshed, injected pod carries
+// the metrics.dynatrace.com annotations that point Dynatrace's scraping at
+// Envoy.
+func checkEnvoyMetrics(s Snapshot, p corev1.Pod) (Result, bool) {
+	if !s.EnvoyMetrics || p.Annotations[api.InjectedAnnotation] != "true" || !meshed(p) {
+		return Result{}, false
+	}
+	subject := p.Namespace + "/" + p.Name
+	if p.Annotations[injector.MetricsScrapeAnnotation] == "" {
+		return warn("istio-envoy-metrics", subject, "envoyMetrics is on but the pod has no "+injector.MetricsScrapeAnnotation+" annotation: Envoy's metrics are not scraped",
+			"recreate the pod (it was injected before envoyMetrics was turned on)"), true
+	}
+	return ok("istio-envoy-metrics", subject, "Envoy's metrics are annotated for scraping"), true
+}
+
+// meshed reports whether Istio's proxy is in the pod.
+func meshed(p corev1.Pod) bool {
+	for _, list := range [][]corev1.Container{p.Spec.InitContainers, p.Spec.Containers} {
+		for _, c := range list {
+			if c.Name == "istio-proxy" {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // hostCovered reports whether a ServiceEntry host (exact or *.suffix)

@@ -27,6 +27,9 @@ type Install struct {
 	// wins: the self-provisioned one, then cert-manager's. Default
 	// oneagent-csi-injector-certs, oneagent-csi-injector-tls.
 	CertSecrets []string
+	// InjectorConfig is the injector's ConfigMap (injector.yaml). Default
+	// oneagent-csi-injector.
+	InjectorConfig string
 	// NodeConfig is the node ConfigMap (its config.yaml names the
 	// tenants). Default oneagent-csi-node.
 	NodeConfig string
@@ -47,6 +50,9 @@ func (i *Install) defaults() {
 	}
 	if len(i.CertSecrets) == 0 {
 		i.CertSecrets = []string{"oneagent-csi-injector-certs", "oneagent-csi-injector-tls"}
+	}
+	if i.InjectorConfig == "" {
+		i.InjectorConfig = "oneagent-csi-injector"
 	}
 	if i.NodeConfig == "" {
 		i.NodeConfig = "oneagent-csi-node"
@@ -70,6 +76,8 @@ type Snapshot struct {
 	// Secret's tls.crt) and the Secret it came from.
 	ServingCert       []byte
 	ServingCertSecret string
+	// EnvoyMetrics is the injector's envoyMetrics setting.
+	EnvoyMetrics bool
 	// TenantHosts are the host names of the tenants' apiURLs.
 	TenantHosts []string
 

@@ -144,6 +144,21 @@ func TestTroubleshoot(t *testing.T) {
 		}
 		expect(ctx, t, "tenant", troubleshoot.OK, "--namespace", apps)
 	})
+	t.Run("Envoy metrics not annotated", func(t *testing.T) {
+		// A meshed pod injected while envoyMetrics was off, then the setting
+		// turned on.
+		applyObjects(t, istioRootCert(apps), meshedDeployment(t, apps))
+		runningPod(ctx, t, apps, "myapp")
+		cfg := kubectl(t, "-n", namespace, "get", "configmap", "oneagent-csi-injector", "-o", "jsonpath={.data.injector\\.yaml}")
+		on := strings.Replace(cfg, "envoyMetrics: false", "envoyMetrics: true", 1)
+		if on == cfg {
+			t.Fatalf("no envoyMetrics in the injector config:\n%s", cfg)
+		}
+		patchInjectorConfig(t, on)
+		expect(ctx, t, "istio-envoy-metrics", troubleshoot.Warning, "--namespace", apps)
+		patchInjectorConfig(t, cfg)
+		kubectl(t, "-n", apps, "delete", "deployment", "myapp", "--wait")
+	})
 	t.Run("egress blocked by a NetworkPolicy", func(t *testing.T) {
 		np := map[string]any{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
 			"metadata": map[string]any{"name": "dns-only", "namespace": apps},
@@ -214,6 +229,12 @@ func TestTroubleshoot(t *testing.T) {
 		kubectl(t, "delete", "csidriver", api.DefaultDriverName)
 		expect(ctx, t, "csidriver", troubleshoot.Failure)
 	})
+}
+
+func patchInjectorConfig(t *testing.T, config string) {
+	t.Helper()
+	b, _ := json.Marshal(map[string]any{"data": map[string]any{"injector.yaml": config}})
+	kubectl(t, "-n", namespace, "patch", "configmap", "oneagent-csi-injector", "--type=merge", "-p", string(b))
 }
 
 // setNodeConfig replaces the node config and restarts the driver pods.
