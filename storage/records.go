@@ -3,7 +3,7 @@ package storage
 import (
 	"time"
 
-	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/api"
 )
 
 // ArtifactState is the lifecycle state of an artifact record.

@@ -15,7 +15,7 @@ import (
 	"github.com/spf13/afero"
 	"k8s.io/mount-utils"
 
-	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/api"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 

@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/oneagent-csi/oneagent-csi/driver/api"
+	"github.com/oneagent-csi/oneagent-csi/api"
 	"github.com/oneagent-csi/oneagent-csi/test/e2e/cluster"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 )
