@@ -15,7 +15,7 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/api"
 )
 
-// Names the injector adds to pods besides those in driver/api.
+// Names the injector adds to pods besides those in package api.
 const (
 	// InitConfigMountPath is where the init container sees oneagent-config.
 	InitConfigMountPath = "/mnt/config"
