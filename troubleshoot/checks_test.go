@@ -74,6 +74,8 @@ func healthy(t *testing.T) Snapshot {
 		ServiceEndpoints: map[string][]discoveryv1.EndpointSlice{"oneagent-csi/oneagent-csi-injector": {{Endpoints: []discoveryv1.Endpoint{
 			{Addresses: []string{"10.0.0.5"}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}}}}}},
 		ServingCert: leaf, ServingCertSecret: "oneagent-csi-injector-certs",
+		ServedCerts: map[string][]ServedCert{"oneagent-csi/oneagent-csi-injector": {
+			{Pod: "oneagent-csi/injector-a", Chain: leaf}, {Pod: "oneagent-csi/injector-b", Chain: leaf}}},
 		TenantHosts: []string{"abc.live.dynatrace.com"},
 		TenantChecks: map[string][]provisioner.TenantCheck{"n1": {{Tenant: "prod", Steps: []provisioner.CheckStep{
 			{Name: "dns", OK: true}, {Name: "api", OK: true}, {Name: "version", OK: true}}}}},
@@ -115,13 +117,33 @@ func TestClusterChecks(t *testing.T) {
 		{"certificate for another name", func(t *testing.T, s *Snapshot) {
 			ca, leaf := pki(t, "elsewhere.svc")
 			s.ServingCert = leaf
+			for _, sc := range s.ServedCerts {
+				for i := range sc {
+					sc[i].Chain = leaf
+				}
+			}
 			for i := range s.Webhook.Webhooks {
 				s.Webhook.Webhooks[i].ClientConfig.CABundle = ca
 			}
 		}, "webhook-certificate", Failure, "oneagent-csi-injector.oneagent-csi.svc"},
-		{"no certificate", func(_ *testing.T, s *Snapshot) { s.ServingCert = nil }, "webhook-certificate", Failure, "has no certificate"},
+		{"every replica handshaken", func(*testing.T, *Snapshot) {}, "webhook-certificate", OK, "every injector pod (2) serves for oneagent-csi-injector.oneagent-csi.svc in a TLS handshake"},
+		{"a replica serves a certificate of another CA", func(t *testing.T, s *Snapshot) {
+			_, leaf := pki(t, "oneagent-csi-injector.oneagent-csi.svc")
+			s.ServedCerts["oneagent-csi/oneagent-csi-injector"][1].Chain = leaf
+		}, "webhook-certificate", Failure, "by oneagent-csi/injector-b: x509"},
+		{"a replica unreachable", func(_ *testing.T, s *Snapshot) {
+			s.ServedCerts["oneagent-csi/oneagent-csi-injector"][1] = ServedCert{Pod: "oneagent-csi/injector-b", Err: "connection refused"}
+		}, "webhook-certificate", Warning, "oneagent-csi/injector-b: connection refused could not be reached"},
+		{"no port-forward rights: the Secret's certificate", func(_ *testing.T, s *Snapshot) {
+			s.ServedCerts = map[string][]ServedCert{"oneagent-csi/oneagent-csi-injector": {{Pod: "oneagent-csi/injector-a", Err: "pods/portforward forbidden"}}}
+		}, "webhook-certificate", OK, "in Secret oneagent-csi-injector-certs"},
+		{"Secret's certificate of another CA", func(t *testing.T, s *Snapshot) {
+			_, leaf := pki(t, "oneagent-csi-injector.oneagent-csi.svc")
+			s.ServedCerts, s.ServingCert = nil, leaf
+		}, "webhook-certificate", Failure, "in Secret oneagent-csi-injector-certs"},
+		{"no certificate", func(_ *testing.T, s *Snapshot) { s.ServingCert, s.ServedCerts = nil, nil }, "webhook-certificate", Failure, "has no certificate"},
 		{"certificate unreadable", func(_ *testing.T, s *Snapshot) {
-			s.ServingCert = nil
+			s.ServingCert, s.ServedCerts = nil, nil
 			s.Errors = map[string]string{"serving-certificate": "403 Forbidden"}
 		}, "webhook-certificate", Warning, "cannot read"},
 		{"token refused from a node", func(_ *testing.T, s *Snapshot) {

@@ -3,6 +3,7 @@ package troubleshoot
 import (
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
@@ -218,18 +219,83 @@ func checkWebhook(s Snapshot, now time.Time) []Result {
 
 // checkServingCert verifies the certificate the injector serves against a
 // webhook entry's caBundle for the Service's DNS name, as the API server
-// does.
+// does: the chains its pods presented in a TLS handshake, or, when no pod
+// could be reached, the chain in its Secret (what it loads and serves).
 func checkServingCert(s Snapshot, entry string, bundle []byte, svc, ns string, now time.Time) Result {
 	const check = "webhook-certificate"
+	host := svc + "." + ns + ".svc"
+	var reached []ServedCert
+	var unreachable []string
+	for _, sc := range s.ServedCerts[ns+"/"+svc] {
+		if sc.Err == "" {
+			reached = append(reached, sc)
+		} else {
+			unreachable = append(unreachable, sc.Pod+": "+sc.Err)
+		}
+	}
+	if len(reached) > 0 {
+		var bad []string
+		var expires time.Time
+		for _, sc := range reached {
+			leaf, err := verifyChain(sc.Chain, bundle, host, now)
+			if err != nil {
+				bad = append(bad, fmt.Sprintf("%s: %v", sc.Pod, err))
+				continue
+			}
+			if expires.IsZero() || leaf.NotAfter.Before(expires) {
+				expires = leaf.NotAfter
+			}
+		}
+		if len(bad) > 0 {
+			return fail(check, entry, fmt.Sprintf("the caBundle does not verify the certificate served for %s by %s; the API server's calls fail and pods start without the agent",
+				host, strings.Join(bad, "; ")),
+				"self mode: the injector repairs the bundle within a minute when it runs (check its log); otherwise reapply cert-manager's inject-ca-from")
+		}
+		if left := expires.Sub(now); left < 7*24*time.Hour {
+			return warn(check, entry, fmt.Sprintf("verified, but it expires in %s", left.Round(time.Hour)), "check that rotation runs (the injector's log, or cert-manager)")
+		}
+		if len(unreachable) > 0 {
+			return warn(check, entry, fmt.Sprintf("the caBundle verifies what %d injector pods serve, but %s could not be reached", len(reached), strings.Join(unreachable, "; ")),
+				"kubectl -n "+ns+" describe pod for the unreachable ones")
+		}
+		return ok(check, entry, fmt.Sprintf("the caBundle verifies the certificate every injector pod (%d) serves for %s in a TLS handshake (valid until %s)",
+			len(reached), host, expires.UTC().Format(time.DateOnly)))
+	}
+	// No pod reached (no port-forward rights, no ready pod): the Secret.
+	via := ""
+	if len(unreachable) > 0 {
+		via = " (no handshake: " + strings.Join(unreachable, "; ") + ")"
+	}
 	if len(s.ServingCert) == 0 {
 		if e, bad := s.Errors["serving-certificate"]; bad {
-			return warn(check, entry, "cannot read the injector's certificate: "+e, "run with credentials that may read Secrets in "+s.Install.Namespace)
+			return warn(check, entry, "cannot read the injector's certificate: "+e+via, "run with credentials that may port-forward to the injector or read Secrets in "+s.Install.Namespace)
 		}
-		return fail(check, entry, "the injector has no certificate (Secrets "+strings.Join(s.Install.CertSecrets, ", ")+" hold none)",
+		return fail(check, entry, "the injector has no certificate (Secrets "+strings.Join(s.Install.CertSecrets, ", ")+" hold none)"+via,
 			"self mode: the injector's log and RBAC; cert-manager: kubectl describe certificate")
 	}
+	leaf, err := verifyChain(s.ServingCert, bundle, host, now)
+	switch {
+	case errors.Is(err, errNoChain):
+		return fail(check, entry, "the injector's certificate in Secret "+s.ServingCertSecret+" does not parse", "delete the Secret's data; the injector (or cert-manager) makes a new one")
+	case err != nil:
+		return fail(check, entry, fmt.Sprintf("the caBundle does not verify the certificate in Secret %s for %s: %v; the API server's calls fail and pods start without the agent", s.ServingCertSecret, host, err),
+			"self mode: the injector repairs the bundle within a minute when it runs (check its log); otherwise reapply cert-manager's inject-ca-from")
+	}
+	if left := leaf.NotAfter.Sub(now); left < 7*24*time.Hour {
+		return warn(check, entry, fmt.Sprintf("verified, but it expires in %s", left.Round(time.Hour)), "check that rotation runs (the injector's log, or cert-manager)")
+	}
+	return ok(check, entry, fmt.Sprintf("the caBundle verifies the certificate in Secret %s for %s (valid until %s)%s",
+		s.ServingCertSecret, host, leaf.NotAfter.UTC().Format(time.DateOnly), via))
+}
+
+// errNoChain is a PEM chain without a certificate that parses.
+var errNoChain = errors.New("no certificate in the chain")
+
+// verifyChain verifies a PEM chain (leaf first) for host against the
+// roots in bundle and returns the leaf.
+func verifyChain(pemChain, bundle []byte, host string, now time.Time) (*x509.Certificate, error) {
 	var chain []*x509.Certificate
-	rest := s.ServingCert
+	rest := pemChain
 	for {
 		var b *pem.Block
 		b, rest = pem.Decode(rest)
@@ -241,26 +307,20 @@ func checkServingCert(s Snapshot, entry string, bundle []byte, svc, ns string, n
 		}
 	}
 	if len(chain) == 0 {
-		return fail(check, entry, "the injector's certificate in Secret "+s.ServingCertSecret+" does not parse", "delete the Secret's data; the injector (or cert-manager) makes a new one")
+		return nil, errNoChain
 	}
 	roots := x509.NewCertPool()
 	if !roots.AppendCertsFromPEM(bundle) {
-		return fail(check, entry, "the caBundle holds no PEM certificate", "restore the install's webhook configuration")
+		return nil, errors.New("the caBundle holds no PEM certificate")
 	}
 	inter := x509.NewCertPool()
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	host := svc + "." + ns + ".svc"
 	if _, err := chain[0].Verify(x509.VerifyOptions{DNSName: host, Roots: roots, Intermediates: inter, CurrentTime: now}); err != nil {
-		return fail(check, entry, fmt.Sprintf("the caBundle does not verify the certificate the injector serves for %s: %v; the API server's calls fail and pods start without the agent", host, err),
-			"self mode: the injector repairs the bundle within a minute when it runs (check its log); otherwise reapply cert-manager's inject-ca-from")
+		return nil, err
 	}
-	left := chain[0].NotAfter.Sub(now)
-	if left < 7*24*time.Hour {
-		return warn(check, entry, fmt.Sprintf("verified, but it expires in %s", left.Round(time.Hour)), "check that rotation runs (the injector's log, or cert-manager)")
-	}
-	return ok(check, entry, fmt.Sprintf("the caBundle verifies the served certificate for %s (valid until %s)", host, chain[0].NotAfter.UTC().Format(time.DateOnly)))
+	return chain[0], nil
 }
 
 func short(names []string) string {

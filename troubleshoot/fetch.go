@@ -17,6 +17,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/client-go/rest"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/yaml"
 
 	"github.com/oneagent-csi/oneagent-csi/api"
@@ -81,7 +82,8 @@ func Fetch(ctx context.Context, cfg *rest.Config, inst Install, scope Scope) (Sn
 		return Snapshot{}, fmt.Errorf("kubernetes client: %w", err)
 	}
 	r := reader{host: cfg.Host, client: hc}
-	s := Snapshot{Install: inst, Errors: map[string]string{}, ServiceEndpoints: map[string][]discoveryv1.EndpointSlice{}}
+	s := Snapshot{Install: inst, Errors: map[string]string{}, ServiceEndpoints: map[string][]discoveryv1.EndpointSlice{},
+		ServedCerts: map[string][]ServedCert{}}
 	// The first read tells whether the API server answers at all.
 	var nodes corev1.NodeList
 	if err := r.get(ctx, "/api/v1/nodes", &nodes); err != nil {
@@ -133,6 +135,7 @@ func Fetch(ctx context.Context, cfg *rest.Config, inst Install, scope Scope) (Sn
 			if note("endpoints", r.get(ctx, fmt.Sprintf("/apis/discovery.k8s.io/v1/namespaces/%s/endpointslices?labelSelector=%s",
 				svc.Namespace, url.QueryEscape("kubernetes.io/service-name="+svc.Name)), &slices)) {
 				s.ServiceEndpoints[key] = slices.Items
+				s.ServedCerts[key] = servedCerts(ctx, cfg, r, svc.Namespace, svc.Name, ptr.Deref(svc.Port, 443), slices.Items)
 			}
 		}
 	}
@@ -292,4 +295,52 @@ func (s *Snapshot) fetchTenantChecks(ctx context.Context, cfg *rest.Config, node
 			return
 		}
 	}
+}
+
+// maxHandshakes bounds the injector pods handshaken with per Service.
+const maxHandshakes = 5
+
+// servedCerts handshakes with the ready pods behind Service ns/name on the
+// pod port its port servicePort maps to.
+func servedCerts(ctx context.Context, cfg *rest.Config, r reader, ns, name string, servicePort int32, slices []discoveryv1.EndpointSlice) []ServedCert {
+	var svc corev1.Service
+	if err := r.get(ctx, fmt.Sprintf("/api/v1/namespaces/%s/services/%s", ns, name), &svc); err != nil {
+		return nil
+	}
+	portName, found := "", false
+	for _, p := range svc.Spec.Ports {
+		if p.Port == servicePort {
+			portName, found = p.Name, true
+		}
+	}
+	if !found {
+		return nil
+	}
+	host := name + "." + ns + ".svc"
+	var out []ServedCert
+	for _, sl := range slices {
+		var podPort int32
+		for _, p := range sl.Ports {
+			if ptr.Deref(p.Name, "") == portName && p.Port != nil {
+				podPort = *p.Port
+			}
+		}
+		if podPort == 0 {
+			continue
+		}
+		for _, e := range sl.Endpoints {
+			if !ptr.Deref(e.Conditions.Ready, true) || e.TargetRef == nil || e.TargetRef.Kind != "Pod" || len(out) == maxHandshakes {
+				continue
+			}
+			sc := ServedCert{Pod: e.TargetRef.Namespace + "/" + e.TargetRef.Name}
+			chain, err := servedChain(ctx, cfg, e.TargetRef.Namespace, e.TargetRef.Name, podPort, host)
+			if err != nil {
+				sc.Err = err.Error()
+			} else {
+				sc.Chain = chain
+			}
+			out = append(out, sc)
+		}
+	}
+	return out
 }

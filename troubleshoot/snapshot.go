@@ -76,6 +76,9 @@ type Snapshot struct {
 	// Secret's tls.crt) and the Secret it came from.
 	ServingCert       []byte
 	ServingCertSecret string
+	// ServedCerts are what the injector pods behind each webhook Service
+	// (namespace/name) presented in a TLS handshake through port-forward.
+	ServedCerts map[string][]ServedCert
 	// EnvoyMetrics is the injector's envoyMetrics setting.
 	EnvoyMetrics bool
 	// TenantHosts are the host names of the tenants' apiURLs.
