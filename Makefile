@@ -49,7 +49,7 @@ demo: build ## a local cluster, fake tenant, node plugin and injector; deploys a
 	  E2E_DEMO=1 E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -count=1 -timeout 30m -v -run '^TestDemo$$' .
 
 unit: ## run the tests that need neither root nor the binary
-	$(GO) test -race -count=1 ./driver/... ./provisioner/... ./storage/... ./injector/... ./cmd/... ./test/manifests/
+	$(GO) test -race -count=1 ./api/... ./driver/... ./provisioner/... ./storage/... ./injector/... ./troubleshoot/... ./internal/... ./cmd/... ./test/manifests/
 
 bench: build ## run the benchmarks (see BENCHMARKS.md)
 	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -run '^$$' -bench . -benchtime 3x -count 1 -timeout 60m ./test/bench/

@@ -6,6 +6,8 @@ import (
 
 	"github.com/spf13/afero"
 	"golang.org/x/sys/unix"
+
+	"github.com/oneagent-csi/oneagent-csi/internal/diskio"
 )
 
 // syncFilesystem flushes the whole filesystem that holds path (syncfs):
@@ -29,7 +31,7 @@ func withOSFile(fsys afero.Fs, path, op string, call func(*os.File) error) error
 		return err
 	}
 	defer f.Close()
-	if osf := osFile(f); osf != nil {
+	if osf := diskio.OSFile(f); osf != nil {
 		if err := call(osf); err != nil {
 			return fmt.Errorf("%s %s: %w", op, path, err)
 		}

@@ -7,6 +7,8 @@ package provisioner
 import (
 	"errors"
 	"fmt"
+
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 )
 
 // Sentinel errors; the driver maps them to gRPC codes in one place.
@@ -22,8 +24,9 @@ var (
 	// ErrUnavailable: the tenant could not be reached or kept failing (5xx, 429,
 	// network errors) after every retry.
 	ErrUnavailable = errors.New("tenant unavailable")
-	// ErrBadArchive: the downloaded archive is corrupt, truncated or unsafe.
-	ErrBadArchive = errors.New("bad archive")
+	// ErrBadArchive: the downloaded archive is corrupt, truncated or unsafe
+	// (the extract package's sentinel, so callers need not import it).
+	ErrBadArchive = extract.ErrBadArchive
 )
 
 // APIError is an error answer from a tenant.

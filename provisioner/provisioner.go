@@ -22,6 +22,8 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/oneagent-csi/oneagent-csi/api"
+	"github.com/oneagent-csi/oneagent-csi/internal/diskio"
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
@@ -61,18 +63,18 @@ type Options struct {
 	// TTL. Default 10s.
 	RefreshBackoff time.Duration
 	// Limits bound extraction (see Limits for defaults).
-	Limits Limits
+	Limits extract.Limits
 	// ExtractWorkers is the number of files extracted in parallel. Default:
 	// as many as ExtractMemory holds, at least 1 and at most GOMAXPROCS.
 	ExtractWorkers int
 	// ExtractMemory is the memory the extraction workers' buffers may take
-	// (each worker holds about WorkerMemory); it sizes the worker pool
+	// (each worker holds about extract.WorkerMemory); it sizes the worker pool
 	// where ExtractWorkers is not set, so a 64-core node does not take 64
 	// workers' buffers. Default 8 MiB.
 	ExtractMemory int64
 	// PageCache bounds the written data an install keeps dirty or under
 	// writeback in the page cache, which a container's memory limit counts
-	// too. Default DefaultPageCache (8 MiB).
+	// too. Default diskio.DefaultPageCache (8 MiB).
 	PageCache int64
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
@@ -114,19 +116,13 @@ func (o *Options) defaults() {
 		o.ExtractMemory = 8 << 20
 	}
 	if o.PageCache == 0 {
-		o.PageCache = DefaultPageCache
+		o.PageCache = diskio.DefaultPageCache
 	}
 	if o.ExtractWorkers == 0 {
-		o.ExtractWorkers = WorkersFor(o.ExtractMemory)
+		o.ExtractWorkers = extract.WorkersFor(o.ExtractMemory)
 	}
-	o.Limits.defaults()
+	o.Limits.Defaults()
 	o.GC.defaults()
-}
-
-// WorkersFor is the number of extraction workers whose buffers fit in
-// memory bytes: at least 1, at most GOMAXPROCS.
-func WorkersFor(memory int64) int {
-	return int(max(1, min(memory/WorkerMemory, int64(runtime.GOMAXPROCS(0)))))
 }
 
 // DefaultArch maps GOARCH to the tenant API's arch parameter.
@@ -554,8 +550,8 @@ func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.Ar
 	if err := fs.Mkdir(stagePath, 0o755); err != nil {
 		return storage.Artifact{}, err
 	}
-	ex, err := Extract(ctx, fs, zipPath, filepath.Join(stagePath, l.TreeName()),
-		ExtractOptions{Limits: p.opts.Limits, Workers: p.opts.ExtractWorkers, PageCache: p.opts.PageCache})
+	ex, err := extract.Zip(ctx, fs, zipPath, filepath.Join(stagePath, l.TreeName()),
+		extract.Options{Limits: p.opts.Limits, Workers: p.opts.ExtractWorkers, PageCache: p.opts.PageCache})
 	if err != nil {
 		err = fmt.Errorf("tenant %q version %s: %w", c.Tenant().Name, key.Version, err)
 		if errors.Is(err, ErrBadArchive) {
@@ -619,7 +615,7 @@ func (p *Provisioner) download(ctx context.Context, c *Client, key storage.Artif
 	if err != nil {
 		return 0, nil, err
 	}
-	w := newWriteBehind(f, writeBehindChunk(p.opts.PageCache))
+	w := diskio.NewWriteBehind(f, diskio.WriteBehindChunk(p.opts.PageCache))
 	h := sha256.New()
 	pr := &progressReader{r: body, total: total, log: klog.FromContext(ctx), start: time.Now(), last: time.Now(), h: h}
 	n, err := io.CopyBuffer(w, pr, make([]byte, 256<<10))

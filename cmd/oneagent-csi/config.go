@@ -14,6 +14,7 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/api"
 	"github.com/oneagent-csi/oneagent-csi/driver"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 )
 
 // Duration is a time.Duration written as a Go duration string ("5m").
@@ -53,7 +54,7 @@ type NodeConfig struct {
 	Prefetch         *bool                  `json:"prefetch,omitempty"`
 	ExtractWorkers   int                    `json:"extractWorkers,omitempty"`
 	ExtractMemory    Bytes                  `json:"extractMemory,omitempty"`
-	Limits           provisioner.Limits     `json:"limits,omitzero"`
+	Limits           extract.Limits         `json:"limits,omitzero"`
 	Client           ClientConfig           `json:"client,omitzero"`
 	HostAllow        []driver.HostAllowRule `json:"hostAllow,omitempty"`
 	Cache            CacheConfig            `json:"cache,omitzero"`

@@ -21,8 +21,10 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/oneagent-csi/oneagent-csi/driver"
+	"github.com/oneagent-csi/oneagent-csi/internal/diskio"
 	"github.com/oneagent-csi/oneagent-csi/internal/memlimit"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
@@ -197,22 +199,22 @@ func applyMemoryLimit(log klog.Logger, configured int64, workers int) (int64, in
 	if limit > 0 && os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(memlimit.GoLimit(limit))
 	}
-	extract, pageCache := configured, int64(provisioner.DefaultPageCache)
-	if extract == 0 {
-		extract = 8 << 20
+	extractMem, pageCache := configured, int64(diskio.DefaultPageCache)
+	if extractMem == 0 {
+		extractMem = 8 << 20
 		if limit > 0 {
-			extract = min(extract, limit/16)
+			extractMem = min(extractMem, limit/16)
 		}
 	}
 	if limit > 0 {
 		pageCache = min(pageCache, limit/16)
 	}
 	if workers == 0 {
-		workers = provisioner.WorkersFor(extract)
+		workers = extract.WorkersFor(extractMem)
 	}
 	log.Info("memory", "cgroupLimit", limit, "from", from, "goMemLimit", debug.SetMemoryLimit(-1),
-		"extractMemory", extract, "extractWorkers", workers, "pageCache", pageCache, "gomaxprocs", runtime.GOMAXPROCS(0))
-	return extract, pageCache
+		"extractMemory", extractMem, "extractWorkers", workers, "pageCache", pageCache, "gomaxprocs", runtime.GOMAXPROCS(0))
+	return extractMem, pageCache
 }
 
 // serveHTTP serves h on l until ctx ends, then shuts down gracefully

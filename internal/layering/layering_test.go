@@ -21,17 +21,19 @@ const module = "github.com/oneagent-csi/oneagent-csi/"
 var allowed = map[string][]string{
 	"api":                    nil,
 	"storage":                {"api"},
-	"provisioner":            {"api", "storage"},
+	"provisioner/extract":    {"storage", "internal/diskio"},
+	"provisioner":            {"api", "storage", "provisioner/extract", "internal/diskio"},
 	"driver":                 {"api", "storage", "provisioner"},
 	"injector":               {"api", "injector/selftls"},
 	"injector/selftls":       nil,
 	"injector/initcontainer": {"api"},
 	"troubleshoot":           {"api", "storage", "provisioner", "injector"},
 	"internal/memlimit":      nil,
+	"internal/diskio":        nil,
 	"internal/ociimage":      nil,
 	"internal/layering":      nil,
 	"cmd/oneagent-csi": {"api", "storage", "provisioner", "driver", "injector", "injector/selftls",
-		"injector/initcontainer", "troubleshoot", "internal/memlimit"},
+		"injector/initcontainer", "troubleshoot", "internal/memlimit", "internal/diskio", "provisioner/extract"},
 	"hack/image": {"internal/ociimage"},
 }
 

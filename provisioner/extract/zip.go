@@ -1,4 +1,4 @@
-package provisioner
+package extract
 
 import (
 	"archive/zip"
@@ -18,62 +18,14 @@ import (
 	"sort"
 	"strings"
 	"sync/atomic"
-	"time"
 
 	"github.com/klauspost/compress/flate"
 	"github.com/spf13/afero"
 	"golang.org/x/sync/errgroup"
-	"k8s.io/klog/v2"
 
+	"github.com/oneagent-csi/oneagent-csi/internal/diskio"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
-
-// Limits bound what an archive may expand to, against zip bombs and disk
-// exhaustion. Zero fields take the defaults.
-type Limits struct {
-	// MaxBytes caps the total extracted size. Default 8 GiB.
-	MaxBytes int64 `json:"maxBytes,omitempty"`
-	// MaxEntries caps the number of entries. Default 100000.
-	MaxEntries int `json:"maxEntries,omitempty"`
-	// MaxRatio caps the expansion ratio (extracted / compressed) of the whole
-	// archive and of every entry above 1 MiB. Default 100.
-	MaxRatio float64 `json:"maxRatio,omitempty"`
-}
-
-func (l *Limits) defaults() {
-	if l.MaxBytes == 0 {
-		l.MaxBytes = 8 << 30
-	}
-	if l.MaxEntries == 0 {
-		l.MaxEntries = 100000
-	}
-	if l.MaxRatio == 0 {
-		l.MaxRatio = 100
-	}
-}
-
-// ratioCheckMin is the entry size above which the per-entry ratio is checked:
-// small files of repeated bytes legitimately compress very well.
-const ratioCheckMin = 1 << 20
-
-// ExtractOptions tune Extract. Zero fields take the defaults.
-type ExtractOptions struct {
-	// Limits bound what the archive may expand to.
-	Limits Limits
-	// Workers extract files in parallel. Default WorkersFor(8 MiB).
-	Workers int
-	// PageCache bounds the written data kept dirty or under writeback in
-	// the page cache (closed files waiting for writeback, and a quarter of
-	// it per open file). Default DefaultPageCache.
-	PageCache int64
-}
-
-// Extraction is what Extract produced.
-type Extraction struct {
-	Entries []storage.ManifestEntry
-	Size    int64
-	Files   int
-}
 
 type plannedEntry struct {
 	f *zip.File
@@ -86,27 +38,23 @@ type plannedEntry struct {
 	link  string
 }
 
-func badArchive(format string, a ...any) error {
-	return fmt.Errorf("%w: %s", ErrBadArchive, fmt.Sprintf(format, a...))
-}
-
-// Extract unpacks the ZIP at zipPath into destDir (both on fsys, destDir must
+// Zip unpacks the ZIP at zipPath into destDir (both on fsys, destDir must
 // not exist yet) and returns the manifest entries. Every entry is checked
 // before anything is written: no absolute paths, no "..", no device files or
 // pipes, symlinks must stay inside the tree and no entry may pass through a
 // symlink; limits are enforced on declared and on actual sizes. Files are
 // extracted by workers in parallel. On error the caller removes destDir.
-func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts ExtractOptions) (Extraction, error) {
+func Zip(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts Options) (Result, error) {
 	limits, workers := opts.Limits, opts.Workers
-	limits.defaults()
+	limits.Defaults()
 	if workers <= 0 {
 		workers = WorkersFor(8 << 20)
 	}
 	pageCache := opts.PageCache
 	if pageCache <= 0 {
-		pageCache = DefaultPageCache
+		pageCache = diskio.DefaultPageCache
 	}
-	var out Extraction
+	var out Result
 	zf, err := fsys.Open(zipPath)
 	if err != nil {
 		return out, err
@@ -168,10 +116,10 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts E
 		return nil
 	})
 	stopProgress := logExtractProgress(ctx, &done, len(files))
-	closer := &closeQueue{limit: pageCache}
+	closer := &diskio.CloseQueue{Limit: pageCache}
 	for range workers {
 		g.Go(func() error {
-			x := newFileExtractor(fsys, destDir, &total, limits.MaxBytes, closer, writeBehindChunk(pageCache))
+			x := newFileExtractor(fsys, destDir, &total, limits.MaxBytes, closer, diskio.WriteBehindChunk(pageCache))
 			for i := range work {
 				p := plan[i]
 				e, err := x.extract(gctx, p)
@@ -179,7 +127,7 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts E
 					return err
 				}
 				if off, err := p.f.DataOffset(); err == nil {
-					dropCache(zf, off, int64(p.f.CompressedSize64))
+					diskio.DropCache(zf, off, int64(p.f.CompressedSize64))
 				}
 				entries[i] = e
 				done.Add(1)
@@ -189,7 +137,7 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts E
 	}
 	err = g.Wait()
 	stopProgress()
-	if derr := closer.drain(); err == nil && derr != nil {
+	if derr := closer.Drain(); err == nil && derr != nil {
 		err = fmt.Errorf("extract: %w", derr)
 	}
 	if err != nil {
@@ -211,34 +159,6 @@ func Extract(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts E
 	out.Entries, out.Size, out.Files = entries, total.Load(), len(files)
 	return out, nil
 }
-
-func logExtractProgress(ctx context.Context, done *atomic.Int64, total int) func() {
-	stop := make(chan struct{})
-	finished := make(chan struct{})
-	go func() {
-		defer close(finished)
-		t := time.NewTicker(5 * time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-				n := done.Load()
-				klog.FromContext(ctx).Info("extracting", "files", n, "total", total, "percent", fmt.Sprintf("%.0f", 100*float64(n)/float64(max(total, 1))))
-			}
-		}
-	}()
-	return func() { close(stop); <-finished }
-}
-
-// Name limits, checked before anything is written: the kernel refuses
-// longer names with ENAMETOOLONG deep inside extraction.
-const (
-	maxNameComponent = 255  // bytes of one path component (NAME_MAX)
-	maxNameLength    = 2048 // bytes of an entry's path, leaving room for the data dir below PATH_MAX
-	maxLinkHops      = 40   // symlinks followed while resolving one link, as the kernel's ELOOP limit
-)
 
 // planExtraction validates every entry and returns the entries to create,
 // sorted by path.
@@ -327,91 +247,6 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 	return plan, nil
 }
 
-// splitPath splits a cleaned relative path into components ("." is none).
-func splitPath(p string) []string {
-	if p == "." || p == "" {
-		return nil
-	}
-	return strings.Split(p, "/")
-}
-
-// resolveInTree follows rel from the dir at components dir, resolving every
-// component that is one of the archive's links, and returns where it ends;
-// false when it climbs above the tree's root or loops.
-func resolveInTree(links map[string]string, dir []string, rel string, hops *int) ([]string, bool) {
-	cur := append([]string(nil), dir...)
-	for _, c := range strings.Split(rel, "/") {
-		switch c {
-		case "", ".":
-			continue
-		case "..":
-			if len(cur) == 0 {
-				return nil, false
-			}
-			cur = cur[:len(cur)-1]
-			continue
-		}
-		cur = append(cur, c)
-		target, isLink := links[strings.Join(cur, "/")]
-		if !isLink {
-			continue
-		}
-		if *hops++; *hops > maxLinkHops {
-			return nil, false
-		}
-		var ok bool
-		if cur, ok = resolveInTree(links, cur[:len(cur)-1], target, hops); !ok {
-			return nil, false
-		}
-	}
-	return cur, true
-}
-
-// shortName keeps names in error messages short: a hostile archive can make
-// them kilobytes long.
-func shortName(name string) string {
-	const keep = 80
-	if len(name) <= keep {
-		return name
-	}
-	return fmt.Sprintf("%s...(%d bytes)", name[:keep], len(name))
-}
-
-// cleanEntryName returns the entry's path relative to the artifact root, or
-// an error when it is absolute, climbs out, or is too long.
-func cleanEntryName(name string) (string, error) {
-	if len(name) > maxNameLength {
-		return "", badArchive("entry name %q is longer than %d bytes", shortName(name), maxNameLength)
-	}
-	if strings.ContainsRune(name, 0) || strings.Contains(name, "\\") {
-		return "", badArchive("entry name %q has a NUL or backslash", shortName(name))
-	}
-	if path.IsAbs(name) || (len(name) >= 2 && name[1] == ':') {
-		return "", badArchive("entry %q has an absolute path", shortName(name))
-	}
-	for _, part := range strings.Split(name, "/") {
-		if part == ".." {
-			return "", badArchive("entry %q climbs out with ..", shortName(name))
-		}
-		if len(part) > maxNameComponent {
-			return "", badArchive("entry %q has a path component longer than %d bytes", shortName(name), maxNameComponent)
-		}
-	}
-	clean := path.Clean(name)
-	if clean == "." {
-		return "", nil
-	}
-	if clean == storageManifestName || clean == storageLayerInfoName {
-		return "", badArchive("entry %q uses a name reserved for oneagent-csi", name)
-	}
-	return clean, nil
-}
-
-var (
-	storageManifestName  = storage.Layout{}.ManifestName()
-	storageLayerInfoName = storage.Layout{}.LayerInfoName()
-)
-
 func readLink(f *zip.File) (string, error) {
 	if f.UncompressedSize64 > 4096 {
 		return "", badArchive("symlink %s target is %d bytes", f.Name, f.UncompressedSize64)
@@ -448,7 +283,7 @@ type fileExtractor struct {
 	destDir  string
 	total    *atomic.Int64
 	maxBytes int64
-	closer   *closeQueue
+	closer   *diskio.CloseQueue
 	chunk    int64 // write-behind chunk
 
 	in       *bufio.Reader // compressed bytes, read in large blocks
@@ -461,7 +296,7 @@ type fileExtractor struct {
 	checksum io.Writer
 }
 
-func newFileExtractor(fsys afero.Fs, destDir string, total *atomic.Int64, maxBytes int64, closer *closeQueue, chunk int64) *fileExtractor {
+func newFileExtractor(fsys afero.Fs, destDir string, total *atomic.Int64, maxBytes int64, closer *diskio.CloseQueue, chunk int64) *fileExtractor {
 	x := &fileExtractor{fsys: fsys, destDir: destDir, total: total, maxBytes: maxBytes, closer: closer, chunk: chunk,
 		in: bufio.NewReaderSize(nil, workerReadBuffer), out: bufio.NewWriterSize(nil, workerWriteBuffer),
 		sha: sha256.New(), crc: crc32.NewIEEE(), copyBuf: make([]byte, workerCopyBuffer)}
@@ -498,7 +333,7 @@ func (x *fileExtractor) extract(ctx context.Context, p plannedEntry) (storage.Ma
 	if err != nil {
 		return storage.ManifestEntry{}, fmt.Errorf("extract %s: %w", p.name, err)
 	}
-	w := newWriteBehind(f, x.chunk)
+	w := diskio.NewWriteBehind(f, x.chunk)
 	x.out.Reset(w)
 	x.sha.Reset()
 	x.crc.Reset()
@@ -510,7 +345,7 @@ func (x *fileExtractor) extract(ctx context.Context, p plannedEntry) (storage.Ma
 		err = x.out.Flush()
 	}
 	x.out.Reset(nil)
-	cerr := x.closer.add(w)
+	cerr := x.closer.Add(w)
 	var pathErr *fs.PathError
 	switch {
 	case errors.Is(err, ErrBadArchive):
@@ -533,38 +368,4 @@ func (x *fileExtractor) extract(ctx context.Context, p plannedEntry) (storage.Ma
 	}
 	x.sum = x.sha.Sum(x.sum[:0])
 	return storage.ManifestEntry{Path: p.name, Type: "file", Mode: uint32(perm), Size: n, SHA256: hex.EncodeToString(x.sum)}, nil
-}
-
-// countingReader adds what it reads to a shared total and fails once the
-// total passes the limit.
-type countingReader struct {
-	r     io.Reader
-	total *atomic.Int64
-	limit int64
-}
-
-func (c countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	if c.total.Add(int64(n)) > c.limit {
-		return n, badArchive("extracted size exceeds the limit of %d bytes", c.limit)
-	}
-	return n, err
-}
-
-// symlink creates newname pointing at the relative target. BasePathFs would
-// turn the target into an absolute host path, which means nothing inside a
-// pod, so the link is made at the jailed real path with the target unchanged
-// (the target was checked to stay inside the artifact).
-func symlink(fsys afero.Fs, target, newname string) error {
-	if b, ok := fsys.(*afero.BasePathFs); ok {
-		real, err := b.RealPath(newname)
-		if err != nil {
-			return err
-		}
-		return os.Symlink(target, real)
-	}
-	if l, ok := fsys.(afero.Linker); ok {
-		return l.SymlinkIfPossible(target, newname)
-	}
-	return fmt.Errorf("filesystem %s cannot create symlinks", fsys.Name())
 }

@@ -1,4 +1,4 @@
-package provisioner
+package extract
 
 import (
 	"encoding/binary"

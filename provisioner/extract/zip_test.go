@@ -1,4 +1,4 @@
-package provisioner_test
+package extract_test
 
 import (
 	"archive/zip"
@@ -17,7 +17,7 @@ import (
 
 	"github.com/spf13/afero"
 
-	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 )
 
@@ -59,12 +59,12 @@ type nopWriteCloser struct{ io.Writer }
 
 func (nopWriteCloser) Close() error { return nil }
 
-func extractBytes(t *testing.T, fsys afero.Fs, data []byte, limits provisioner.Limits) (provisioner.Extraction, error) {
+func extractBytes(t *testing.T, fsys afero.Fs, data []byte, limits extract.Limits) (extract.Result, error) {
 	t.Helper()
 	if err := afero.WriteFile(fsys, "in.zip", data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return provisioner.Extract(context.Background(), fsys, "in.zip", "out", provisioner.ExtractOptions{Limits: limits, Workers: 2})
+	return extract.Zip(context.Background(), fsys, "in.zip", "out", extract.Options{Limits: limits, Workers: 2})
 }
 
 func TestExtractRejectsUnsafeArchives(t *testing.T) {
@@ -72,26 +72,26 @@ func TestExtractRejectsUnsafeArchives(t *testing.T) {
 	tests := []struct {
 		name    string
 		entries []zipEntry
-		limits  provisioner.Limits
+		limits  extract.Limits
 		want    string
 	}{
-		{"dot-dot", []zipEntry{{name: "agent/../../etc/passwd", data: []byte("x")}}, provisioner.Limits{}, "climbs out"},
-		{"absolute", []zipEntry{{name: "/etc/passwd", data: []byte("x")}}, provisioner.Limits{}, "absolute"},
-		{"backslash", []zipEntry{{name: `..\evil`, data: []byte("x")}}, provisioner.Limits{}, "backslash"},
-		{"symlink absolute", []zipEntry{{name: "l", mode: os.ModeSymlink | 0o777, data: []byte("/etc")}}, provisioner.Limits{}, "outside"},
-		{"symlink climbing", []zipEntry{{name: "a/l", mode: os.ModeSymlink | 0o777, data: []byte("../../x")}}, provisioner.Limits{}, "outside"},
+		{"dot-dot", []zipEntry{{name: "agent/../../etc/passwd", data: []byte("x")}}, extract.Limits{}, "climbs out"},
+		{"absolute", []zipEntry{{name: "/etc/passwd", data: []byte("x")}}, extract.Limits{}, "absolute"},
+		{"backslash", []zipEntry{{name: `..\evil`, data: []byte("x")}}, extract.Limits{}, "backslash"},
+		{"symlink absolute", []zipEntry{{name: "l", mode: os.ModeSymlink | 0o777, data: []byte("/etc")}}, extract.Limits{}, "outside"},
+		{"symlink climbing", []zipEntry{{name: "a/l", mode: os.ModeSymlink | 0o777, data: []byte("../../x")}}, extract.Limits{}, "outside"},
 		{"write through symlink", []zipEntry{
 			{name: "l", mode: os.ModeSymlink | 0o777, data: []byte("d")},
 			{name: "l/f", data: []byte("x")},
-		}, provisioner.Limits{}, "below symlink"},
-		{"device file", []zipEntry{{name: "dev", mode: os.ModeDevice | 0o644}}, provisioner.Limits{}, "unsupported type"},
-		{"named pipe", []zipEntry{{name: "fifo", mode: os.ModeNamedPipe | 0o644}}, provisioner.Limits{}, "unsupported type"},
-		{"duplicate", []zipEntry{{name: "a", data: []byte("1")}, {name: "a", data: []byte("2")}}, provisioner.Limits{}, "twice"},
-		{"too many entries", []zipEntry{{name: "a"}, {name: "b"}, {name: "c"}}, provisioner.Limits{MaxEntries: 2}, "entries exceed"},
-		{"too big", []zipEntry{{name: "a", data: make([]byte, 2048)}}, provisioner.Limits{MaxBytes: 1024}, "exceeds the limit"},
-		{"zip bomb ratio", []zipEntry{{name: "bomb", data: zeros, method: zip.Deflate}}, provisioner.Limits{}, "ratio limit"},
-		{"unsupported method", []zipEntry{{name: "a.bz2", data: []byte("x"), method: 12}}, provisioner.Limits{}, "compression method 12"},
-		{"reserved name", []zipEntry{{name: ".oneagent-csi-manifest", data: []byte("{}")}}, provisioner.Limits{}, "reserved"},
+		}, extract.Limits{}, "below symlink"},
+		{"device file", []zipEntry{{name: "dev", mode: os.ModeDevice | 0o644}}, extract.Limits{}, "unsupported type"},
+		{"named pipe", []zipEntry{{name: "fifo", mode: os.ModeNamedPipe | 0o644}}, extract.Limits{}, "unsupported type"},
+		{"duplicate", []zipEntry{{name: "a", data: []byte("1")}, {name: "a", data: []byte("2")}}, extract.Limits{}, "twice"},
+		{"too many entries", []zipEntry{{name: "a"}, {name: "b"}, {name: "c"}}, extract.Limits{MaxEntries: 2}, "entries exceed"},
+		{"too big", []zipEntry{{name: "a", data: make([]byte, 2048)}}, extract.Limits{MaxBytes: 1024}, "exceeds the limit"},
+		{"zip bomb ratio", []zipEntry{{name: "bomb", data: zeros, method: zip.Deflate}}, extract.Limits{}, "ratio limit"},
+		{"unsupported method", []zipEntry{{name: "a.bz2", data: []byte("x"), method: 12}}, extract.Limits{}, "compression method 12"},
+		{"reserved name", []zipEntry{{name: ".oneagent-csi-manifest", data: []byte("{}")}}, extract.Limits{}, "reserved"},
 		// Each link passes a textual check; followed through the others, the
 		// last one reads a host file.
 		{"symlink chain escape", []zipEntry{
@@ -99,26 +99,26 @@ func TestExtractRejectsUnsafeArchives(t *testing.T) {
 			{name: "esc", mode: os.ModeSymlink | 0o777, data: []byte("l/..")},
 			{name: "esc2", mode: os.ModeSymlink | 0o777, data: []byte("esc/..")},
 			{name: "agent/conf/ruxitagentproc.conf", mode: os.ModeSymlink | 0o777, data: []byte("../../esc2/SECRET")},
-		}, provisioner.Limits{}, "outside the artifact"},
+		}, extract.Limits{}, "outside the artifact"},
 		{"symlink through a dir link", []zipEntry{
 			{name: "agent/up", mode: os.ModeSymlink | 0o777, data: []byte("..")},
 			{name: "x", mode: os.ModeSymlink | 0o777, data: []byte("agent/up/..")},
-		}, provisioner.Limits{}, "outside the artifact"},
+		}, extract.Limits{}, "outside the artifact"},
 		{"symlink loop", []zipEntry{
 			{name: "a", mode: os.ModeSymlink | 0o777, data: []byte("b")},
 			{name: "b", mode: os.ModeSymlink | 0o777, data: []byte("a/x")},
-		}, provisioner.Limits{}, "outside the artifact"},
-		{"file named as the root", []zipEntry{{name: "./.", mode: 0o644, data: []byte("dropped?")}}, provisioner.Limits{}, "names the archive root"},
-		{"file with an empty name", []zipEntry{{name: "", mode: 0o644, data: []byte("x")}}, provisioner.Limits{}, "names the archive root"},
-		{"file named dot", []zipEntry{{name: ".", mode: 0o644, data: []byte("x")}}, provisioner.Limits{}, "names the archive root"},
-		{"component too long", []zipEntry{{name: "agent/" + strings.Repeat("n", 300), data: []byte("x")}}, provisioner.Limits{}, "longer than 255"},
-		{"name too long", []zipEntry{{name: strings.Repeat("d/", 5000) + "f", data: []byte("x")}}, provisioner.Limits{}, "longer than 2048"},
+		}, extract.Limits{}, "outside the artifact"},
+		{"file named as the root", []zipEntry{{name: "./.", mode: 0o644, data: []byte("dropped?")}}, extract.Limits{}, "names the archive root"},
+		{"file with an empty name", []zipEntry{{name: "", mode: 0o644, data: []byte("x")}}, extract.Limits{}, "names the archive root"},
+		{"file named dot", []zipEntry{{name: ".", mode: 0o644, data: []byte("x")}}, extract.Limits{}, "names the archive root"},
+		{"component too long", []zipEntry{{name: "agent/" + strings.Repeat("n", 300), data: []byte("x")}}, extract.Limits{}, "longer than 255"},
+		{"name too long", []zipEntry{{name: strings.Repeat("d/", 5000) + "f", data: []byte("x")}}, extract.Limits{}, "longer than 2048"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
 			_, err := extractBytes(t, fsys, makeZip(t, tc.entries...), tc.limits)
-			if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
+			if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want bad archive mentioning %q", err, tc.want)
 			}
 			if len(err.Error()) > 300 {
@@ -140,7 +140,7 @@ func TestExtractKeepsLinksInsideTheTree(t *testing.T) {
 		zipEntry{name: "agent/bin/current", mode: os.ModeSymlink | 0o777, data: []byte("../lib/liboneagentproc.so")},
 		zipEntry{name: "here", mode: os.ModeSymlink | 0o777, data: []byte(".")},
 		zipEntry{name: "via", mode: os.ModeSymlink | 0o777, data: []byte("here/agent/../agent/lib")},
-	), provisioner.Limits{})
+	), extract.Limits{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,8 +171,8 @@ func TestExtractDetectsCorruption(t *testing.T) {
 			data := makeZip(t, zipEntry{name: "agent/lib64/lib.so", data: content, method: tc.method})
 			data[tc.flip(data)] ^= 0xff
 			root := t.TempDir()
-			_, err := extractBytes(t, afero.NewBasePathFs(afero.NewOsFs(), root), data, provisioner.Limits{})
-			if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "agent/lib64/lib.so") {
+			_, err := extractBytes(t, afero.NewBasePathFs(afero.NewOsFs(), root), data, extract.Limits{})
+			if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), "agent/lib64/lib.so") {
 				t.Fatalf("err = %v, want a bad archive error naming the entry", err)
 			}
 		})
@@ -186,7 +186,7 @@ func TestExtractSyntheticModule(t *testing.T) {
 	}
 	root := t.TempDir()
 	fsys := afero.NewBasePathFs(afero.NewOsFs(), root)
-	ex, err := extractBytes(t, fsys, buf.Bytes(), provisioner.Limits{})
+	ex, err := extractBytes(t, fsys, buf.Bytes(), extract.Limits{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,27 +217,6 @@ func TestExtractSyntheticModule(t *testing.T) {
 	}
 }
 
-func TestMergeRuxitAgentProcConf(t *testing.T) {
-	base := []byte("# comment\n[general]\nloglevel info\ntenant \n\n[agentType]\nprocess on\n")
-	props := []provisioner.Property{
-		{Section: "general", Key: "tenant", Value: "abc"},
-		{Section: "general", Key: "serverAddress", Value: "{https://x}"},
-		{Section: "agentType", Key: "process", Value: "off"},
-		{Section: "zeta", Key: "k", Value: "v"},
-	}
-	got := string(provisioner.MergeRuxitAgentProcConf(base, props))
-	want := "# comment\n[general]\nloglevel info\ntenant abc\n\nserverAddress {https://x}\n[agentType]\nprocess off\n\n[zeta]\nk v\n"
-	if got != want {
-		t.Fatalf("merged:\n%s\nwant:\n%s", got, want)
-	}
-	if again := string(provisioner.MergeRuxitAgentProcConf([]byte(got), props)); again != got {
-		t.Errorf("merging twice changed the file:\n%s", again)
-	}
-}
-
-// An archive declaring more entries than allowed is refused from its end
-// record (and, above 65,535 entries, its ZIP64 form) before its central
-// directory is decoded into memory: the refusal allocates next to nothing.
 func TestExtractRefusesTooManyEntriesBeforeDecodingThem(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -268,10 +247,10 @@ func TestExtractRefusesTooManyEntriesBeforeDecodingThem(t *testing.T) {
 			var before, after runtime.MemStats
 			runtime.GC()
 			runtime.ReadMemStats(&before)
-			_, err := provisioner.Extract(context.Background(), fsys, "in.zip", "out",
-				provisioner.ExtractOptions{Limits: provisioner.Limits{MaxEntries: tc.limit}, Workers: 2})
+			_, err := extract.Zip(context.Background(), fsys, "in.zip", "out",
+				extract.Options{Limits: extract.Limits{MaxEntries: tc.limit}, Workers: 2})
 			runtime.ReadMemStats(&after)
-			if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
+			if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want a refusal saying %q", err, tc.want)
 			}
 			if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 1<<20 {

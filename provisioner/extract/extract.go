@@ -1,0 +1,77 @@
+// Package extract unpacks code-module archives safely: ZIP files from the
+// tenant's deployment API and tar layers of OCI images. Both formats go
+// through one set of entry rules (rules.go): no absolute names or "..",
+// links resolved inside the tree only, no devices or fifos, modes
+// normalised, size/entry/ratio limits, and the same manifest entries.
+// Nothing here renames into place: the caller installs the tree once every
+// check has passed.
+package extract
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+
+	"github.com/oneagent-csi/oneagent-csi/storage"
+)
+
+// ErrBadArchive: the archive is corrupt, truncated or unsafe.
+var ErrBadArchive = errors.New("bad archive")
+
+func badArchive(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", ErrBadArchive, fmt.Sprintf(format, a...))
+}
+
+// Limits bound what an archive may expand to, against zip bombs and disk
+// exhaustion. Zero fields take the defaults.
+type Limits struct {
+	// MaxBytes caps the total extracted size. Default 8 GiB.
+	MaxBytes int64 `json:"maxBytes,omitempty"`
+	// MaxEntries caps the number of entries. Default 100000.
+	MaxEntries int `json:"maxEntries,omitempty"`
+	// MaxRatio caps the expansion ratio (extracted / compressed) of the whole
+	// archive and of every entry above 1 MiB. Default 100.
+	MaxRatio float64 `json:"maxRatio,omitempty"`
+}
+
+// Defaults fills zero fields with the defaults.
+func (l *Limits) Defaults() {
+	if l.MaxBytes == 0 {
+		l.MaxBytes = 8 << 30
+	}
+	if l.MaxEntries == 0 {
+		l.MaxEntries = 100000
+	}
+	if l.MaxRatio == 0 {
+		l.MaxRatio = 100
+	}
+}
+
+// ratioCheckMin is the entry size above which the per-entry ratio is checked:
+// small files of repeated bytes legitimately compress very well.
+const ratioCheckMin = 1 << 20
+
+// Options tune an extraction. Zero fields take the defaults.
+type Options struct {
+	// Limits bound what the archive may expand to.
+	Limits Limits
+	// Workers extract files in parallel. Default WorkersFor(8 MiB).
+	Workers int
+	// PageCache bounds the written data kept dirty or under writeback in
+	// the page cache (closed files waiting for writeback, and a quarter of
+	// it per open file). Default diskio.DefaultPageCache.
+	PageCache int64
+}
+
+// Result is what an extraction produced.
+type Result struct {
+	Entries []storage.ManifestEntry
+	Size    int64
+	Files   int
+}
+
+// WorkersFor is the number of extraction workers whose buffers fit in
+// memory bytes: at least 1, at most GOMAXPROCS.
+func WorkersFor(memory int64) int {
+	return int(max(1, min(memory/WorkerMemory, int64(runtime.GOMAXPROCS(0)))))
+}
