@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/oneagent-csi/oneagent-csi/driver"
 	"github.com/oneagent-csi/oneagent-csi/api"
+	"github.com/oneagent-csi/oneagent-csi/driver"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
