@@ -67,3 +67,40 @@ func symlink(fsys afero.Fs, target, newname string) error {
 	}
 	return fmt.Errorf("filesystem %s cannot create symlinks", fsys.Name())
 }
+
+// hardLink makes newname another name of the file oldname. On a file
+// system without links (in memory) it copies the file.
+func hardLink(fsys afero.Fs, oldname, newname string) error {
+	switch b := fsys.(type) {
+	case *afero.BasePathFs:
+		oldReal, err := b.RealPath(oldname)
+		if err != nil {
+			return err
+		}
+		newReal, err := b.RealPath(newname)
+		if err != nil {
+			return err
+		}
+		return os.Link(oldReal, newReal)
+	case *afero.OsFs:
+		return os.Link(oldname, newname)
+	}
+	src, err := fsys.Open(oldname)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	st, err := src.Stat()
+	if err != nil {
+		return err
+	}
+	dst, err := fsys.OpenFile(newname, os.O_WRONLY|os.O_CREATE|os.O_EXCL, st.Mode().Perm())
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		dst.Close()
+		return err
+	}
+	return dst.Close()
+}
