@@ -22,6 +22,7 @@ var allowed = map[string][]string{
 	"api":                    nil,
 	"storage":                {"api"},
 	"provisioner/extract":    {"storage", "internal/diskio"},
+	"provisioner/registry":   {"provisioner/extract"},
 	"provisioner":            {"api", "storage", "provisioner/extract", "internal/diskio"},
 	"driver":                 {"api", "storage", "provisioner"},
 	"injector":               {"api", "injector/selftls"},

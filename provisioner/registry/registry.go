@@ -1,0 +1,382 @@
+// Package registry fetches code-module images from OCI registries: it
+// resolves a tag to the manifest digest of the node's platform and streams
+// the image's layers, decompressed and digest-checked, to whoever builds
+// the tree (extract.Layers). Mirrors are tried in order before the image's
+// own registry, as containerd's hosts configuration does, so a pull-through
+// cache inside the cluster serves a fleet from one upstream download.
+package registry
+
+import (
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/zstd"
+	"k8s.io/klog/v2"
+
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
+)
+
+// Sentinel errors; the provisioner maps them to its own.
+var (
+	// ErrUnauthorized: every registry tried refused the credentials.
+	ErrUnauthorized = errors.New("registry refused the credentials")
+	// ErrNotFound: the image (or its platform) does not exist.
+	ErrNotFound = errors.New("image not found")
+	// ErrUnavailable: no registry could be reached or all failed.
+	ErrUnavailable = errors.New("registry unavailable")
+)
+
+// Source says where one tenant's code-module image comes from.
+type Source struct {
+	// Image is an OCI reference with a tag or a digest, e.g.
+	// registry.example.com/dynatrace/dynatrace-codemodules:1.311.72.
+	Image string
+	// PullSecretFile is a kubernetes.io/dockerconfigjson Secret's file
+	// (.dockerconfigjson); re-read on every pull. Empty: anonymous.
+	PullSecretFile string
+	// CAFile is a PEM bundle trusted in addition to the system roots.
+	CAFile string
+	// Proxy is an HTTPS proxy URL; empty uses HTTPS_PROXY/NO_PROXY.
+	Proxy string
+	// Mirrors are registry hosts (host[:port]) tried in order before the
+	// image's own registry, with the same repository path.
+	Mirrors []string
+	// Arch is the platform's architecture (amd64, arm64); the OS is linux.
+	Arch string
+}
+
+// Puller pulls one Source.
+type Puller struct {
+	src       Source
+	ref       name.Reference
+	transport http.RoundTripper
+}
+
+// New validates src (the reference, the mirrors, the CA file and the
+// proxy, each named when it is wrong) and returns its Puller.
+func New(src Source) (*Puller, error) {
+	ref, err := name.ParseReference(src.Image, name.StrictValidation)
+	if err != nil {
+		return nil, fmt.Errorf("image %q: %w", src.Image, err)
+	}
+	for _, m := range src.Mirrors {
+		if _, err := name.NewRegistry(m, name.StrictValidation); err != nil || strings.ContainsAny(m, "/@") {
+			return nil, fmt.Errorf("mirrors: %q is not a registry host[:port]", m)
+		}
+	}
+	if src.Arch == "" {
+		return nil, errors.New("arch: required")
+	}
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	if src.CAFile != "" {
+		pem, err := os.ReadFile(src.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("caFile: %w", err)
+		}
+		pool, err := x509.SystemCertPool()
+		if err != nil {
+			pool = x509.NewCertPool()
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("caFile %s: no PEM certificate in it", src.CAFile)
+		}
+		t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	if src.Proxy != "" {
+		u, err := url.Parse(src.Proxy)
+		if err != nil || u.Host == "" {
+			return nil, fmt.Errorf("proxy %q: not a URL", src.Proxy)
+		}
+		t.Proxy = http.ProxyURL(u)
+	}
+	return &Puller{src: src, ref: ref, transport: t}, nil
+}
+
+// Image is the configured reference, normalised.
+func (p *Puller) Image() string { return p.ref.Name() }
+
+// refs are the references to try for ref, mirrors first.
+func (p *Puller) refs(ref name.Reference) []name.Reference {
+	var out []name.Reference
+	repo := ref.Context().RepositoryStr()
+	for _, m := range p.src.Mirrors {
+		var r name.Reference
+		var err error
+		switch v := ref.(type) {
+		case name.Digest:
+			r, err = name.NewDigest(m + "/" + repo + "@" + v.DigestStr())
+		default:
+			r, err = name.NewTag(m + "/" + repo + ":" + ref.Identifier())
+		}
+		if err == nil {
+			out = append(out, r)
+		}
+	}
+	return append(out, ref)
+}
+
+func (p *Puller) options(ctx context.Context) ([]remote.Option, error) {
+	keys, err := readKeychain(p.src.PullSecretFile)
+	if err != nil {
+		return nil, err
+	}
+	return []remote.Option{remote.WithContext(ctx), remote.WithTransport(p.transport), remote.WithAuthFromKeychain(keys),
+		remote.WithPlatform(v1.Platform{OS: "linux", Architecture: p.src.Arch}),
+		// One attempt per host: the provisioner retries with backoff.
+		remote.WithRetryBackoff(remote.Backoff{Steps: 1})}, nil
+}
+
+// Resolved is what a reference stands for on this node's platform.
+type Resolved struct {
+	// Digest is the platform's image manifest digest (sha256:...): the
+	// artifact's identity.
+	Digest string
+	// Host is the registry that answered.
+	Host string
+}
+
+// Resolve returns the manifest digest of the configured image for the
+// platform, asking the mirrors first. tag, when set, replaces the
+// reference's tag (a volume's version pin).
+func (p *Puller) Resolve(ctx context.Context, tag string) (Resolved, error) {
+	ref := p.ref
+	if tag != "" {
+		t, err := name.NewTag(p.ref.Context().Name()+":"+tag, name.StrictValidation)
+		if err != nil {
+			return Resolved{}, fmt.Errorf("%w: tag %q: %v", ErrNotFound, tag, err) //nolint:errorlint // one sentinel
+		}
+		ref = t
+	}
+	opts, err := p.options(ctx)
+	if err != nil {
+		return Resolved{}, err
+	}
+	var errs []error
+	for _, r := range p.refs(ref) {
+		img, err := remote.Image(r, opts...)
+		if err == nil {
+			var d v1.Hash
+			if d, err = img.Digest(); err == nil {
+				return Resolved{Digest: d.String(), Host: r.Context().RegistryStr()}, nil
+			}
+		}
+		errs = append(errs, classify(r, err))
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return Resolved{}, joinClassified(errs)
+}
+
+// Tree receives an image's layers in order (extract.Layers).
+type Tree interface {
+	Apply(ctx context.Context, layer io.Reader, compressedSize int64) error
+}
+
+// Pull streams the layers of the image manifest digest to a tree, trying
+// the mirrors first. start is called for every registry tried and returns
+// a fresh tree (the caller drops the previous one). Each layer is
+// decompressed as it arrives and its digest checked at its end; a layer
+// whose content the tree refuses is still read to its end, so that a
+// corrupted copy (try the next registry) is told from a bad image (stop).
+func (p *Puller) Pull(ctx context.Context, digest string, start func() (Tree, error)) (string, error) {
+	d, err := name.NewDigest(p.ref.Context().Name()+"@"+digest, name.StrictValidation)
+	if err != nil {
+		return "", fmt.Errorf("digest %q: %w", digest, err)
+	}
+	opts, err := p.options(ctx)
+	if err != nil {
+		return "", err
+	}
+	var errs []error
+	for _, r := range p.refs(d) {
+		host := r.Context().RegistryStr()
+		err := p.pullFrom(ctx, r, opts, start)
+		if err == nil {
+			return host, nil
+		}
+		if errors.Is(err, extract.ErrBadArchive) && !errors.Is(err, errCorrupt) || ctx.Err() != nil {
+			return host, err
+		}
+		klog.FromContext(ctx).Info("pull failed, trying the next registry", "host", host, "err", err.Error())
+		errs = append(errs, err)
+	}
+	return "", joinClassified(errs)
+}
+
+// errCorrupt marks a layer whose bytes do not match its digest: the
+// registry's copy is damaged, not the image.
+var errCorrupt = errors.New("layer does not match its digest")
+
+func (p *Puller) pullFrom(ctx context.Context, r name.Reference, opts []remote.Option, start func() (Tree, error)) error {
+	img, err := remote.Image(r, opts...)
+	if err != nil {
+		return classify(r, err)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return classify(r, err)
+	}
+	if m.MediaType != "" && !m.MediaType.IsImage() {
+		return fmt.Errorf("%w: %s is a %s, not an image manifest", extract.ErrBadArchive, r, m.MediaType)
+	}
+	for _, l := range m.Layers {
+		if _, err := decompressorFor(l.MediaType); err != nil {
+			return err
+		}
+	}
+	tree, err := start()
+	if err != nil {
+		return err
+	}
+	for i, desc := range m.Layers {
+		layer, err := img.LayerByDigest(desc.Digest)
+		if err != nil {
+			return classify(r, err)
+		}
+		if err := applyLayer(ctx, tree, layer, desc, i); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// applyLayer streams one layer: raw bytes hashed as they arrive,
+// decompressed, handed to the tree; then the digest and size are checked.
+func applyLayer(ctx context.Context, tree Tree, layer v1.Layer, desc v1.Descriptor, index int) error {
+	rc, err := layer.Compressed()
+	if err != nil {
+		return fmt.Errorf("%w: layer %d %s: %v", ErrUnavailable, index, desc.Digest, err) //nolint:errorlint // classified by the sentinel
+	}
+	defer rc.Close()
+	if desc.Digest.Algorithm != "sha256" {
+		return fmt.Errorf("%w: layer %d digest %s: only sha256 is supported", extract.ErrBadArchive, index, desc.Digest)
+	}
+	hr := &hashingReader{r: io.LimitReader(rc, desc.Size+1), h: sha256.New()}
+	decompress, _ := decompressorFor(desc.MediaType)
+	plain, closeFn, derr := decompress(hr)
+	if derr == nil {
+		err = tree.Apply(ctx, plain, desc.Size)
+		closeFn()
+	}
+	// Read to the end (bounded by the declared size) so that the digest
+	// covers the whole blob, whatever the tree did with it.
+	if _, cerr := io.Copy(io.Discard, hr); cerr != nil && err == nil && derr == nil {
+		err = fmt.Errorf("%w: layer %d %s: %v", ErrUnavailable, index, desc.Digest, cerr) //nolint:errorlint // classified by the sentinel
+	}
+	if got := hex.EncodeToString(hr.h.Sum(nil)); got != desc.Digest.Hex || hr.n != desc.Size {
+		return fmt.Errorf("%w: %w: layer %d %s: got sha256:%s, %d bytes (manifest says %d)", extract.ErrBadArchive, errCorrupt, index, desc.Digest, got, hr.n, desc.Size)
+	}
+	if derr != nil {
+		return fmt.Errorf("%w: layer %d %s: %v", extract.ErrBadArchive, index, desc.Digest, derr) //nolint:errorlint // one sentinel
+	}
+	if err != nil {
+		return fmt.Errorf("layer %d %s: %w", index, desc.Digest, err)
+	}
+	return nil
+}
+
+type hashingReader struct {
+	r io.Reader
+	h hash.Hash
+	n int64
+}
+
+func (h *hashingReader) Read(p []byte) (int, error) {
+	n, err := h.r.Read(p)
+	h.h.Write(p[:n])
+	h.n += int64(n)
+	return n, err
+}
+
+// decompressorFor returns how to read a layer of a media type.
+func decompressorFor(mt types.MediaType) (func(io.Reader) (io.Reader, func(), error), error) {
+	switch mt {
+	case types.OCILayer, types.DockerLayer, types.DockerForeignLayer, types.OCIRestrictedLayer:
+		return func(r io.Reader) (io.Reader, func(), error) {
+			z, err := gzip.NewReader(r)
+			if err != nil {
+				return nil, nil, err
+			}
+			return z, func() { _ = z.Close() }, nil
+		}, nil
+	case types.OCILayerZStd:
+		return func(r io.Reader) (io.Reader, func(), error) {
+			z, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+			if err != nil {
+				return nil, nil, err
+			}
+			return z, z.Close, nil
+		}, nil
+	case types.OCIUncompressedLayer, types.OCIUncompressedRestrictedLayer, "application/vnd.docker.image.rootfs.diff.tar":
+		return func(r io.Reader) (io.Reader, func(), error) { return r, func() {}, nil }, nil
+	}
+	return nil, fmt.Errorf("%w: layer media type %q is not supported (gzip, zstd or uncompressed tar)", extract.ErrBadArchive, mt)
+}
+
+// classify maps a registry client error to the sentinels.
+func classify(r name.Reference, err error) error {
+	if err == nil {
+		return nil
+	}
+	var te *transport.Error
+	if errors.As(err, &te) {
+		switch te.StatusCode {
+		case http.StatusUnauthorized, http.StatusForbidden:
+			return fmt.Errorf("%s: %w: %v", r, ErrUnauthorized, err) //nolint:errorlint // classified by the sentinel
+		case http.StatusNotFound:
+			return fmt.Errorf("%s: %w: %v", r, ErrNotFound, err) //nolint:errorlint // classified by the sentinel
+		}
+	}
+	if strings.Contains(err.Error(), "no child with platform") {
+		return fmt.Errorf("%s: %w: no image for linux/%s in the index", r, ErrNotFound, platformOf(err))
+	}
+	if errors.Is(err, extract.ErrBadArchive) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s: %w", r, err)
+	}
+	return fmt.Errorf("%s: %w: %v", r, ErrUnavailable, err) //nolint:errorlint // classified by the sentinel
+}
+
+func platformOf(err error) string {
+	msg := err.Error()
+	if i := strings.Index(msg, "linux/"); i >= 0 {
+		return strings.Fields(msg[i+len("linux/"):])[0]
+	}
+	return "this node"
+}
+
+// joinClassified returns the errors of every registry tried, classified
+// by the last one: the image's own registry is the authority, mirrors are
+// best effort (a mirror without the image must not make it "not found").
+func joinClassified(errs []error) error {
+	if len(errs) == 0 {
+		return ErrUnavailable
+	}
+	last := errs[len(errs)-1]
+	if len(errs) == 1 {
+		return last
+	}
+	for _, s := range []error{ErrUnauthorized, ErrNotFound, extract.ErrBadArchive, context.Canceled, context.DeadlineExceeded} {
+		if errors.Is(last, s) {
+			return fmt.Errorf("%w (every registry tried: %v)", s, errors.Join(errs...)) //nolint:errorlint // one sentinel, all causes as text
+		}
+	}
+	return fmt.Errorf("%w (every registry tried: %v)", ErrUnavailable, errors.Join(errs...)) //nolint:errorlint // one sentinel, all causes as text
+}

@@ -1,0 +1,397 @@
+package registry_test
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	ggcrregistry "github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/zstd"
+	"github.com/spf13/afero"
+
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
+	"github.com/oneagent-csi/oneagent-csi/provisioner/registry"
+)
+
+const repo = "dynatrace/dynatrace-codemodules"
+
+// layerTar is a tar stream of files (path -> content; "" content with a
+// .wh. name is a whiteout).
+func layerTar(t *testing.T, files map[string]string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for p, c := range files {
+		if err := tw.WriteHeader(&tar.Header{Name: p, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(c))}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write([]byte(c)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func gzipped(t *testing.T, b []byte) []byte {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	if _, err := zw.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func zstded(t *testing.T, b []byte) []byte {
+	zw, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return zw.EncodeAll(b, nil)
+}
+
+func image(t *testing.T, layers ...v1.Layer) v1.Image {
+	t.Helper()
+	img, err := mutate.AppendLayers(empty.Image, layers...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mutate.MediaType(img, types.OCIManifestSchema1)
+}
+
+// module is a three-layer image: gzip, zstd (replacing the library and
+// deleting a file) and uncompressed.
+func module(t *testing.T, version string) v1.Image {
+	return image(t,
+		static.NewLayer(gzipped(t, layerTar(t, map[string]string{
+			"opt/dynatrace/oneagent/agent/lib64/liboneagentproc.so": "old",
+			"opt/dynatrace/oneagent/agent/conf/gone":                "x",
+			"etc/os-release":                                        "outside the module",
+		})), types.OCILayer),
+		static.NewLayer(zstded(t, layerTar(t, map[string]string{
+			"opt/dynatrace/oneagent/agent/lib64/liboneagentproc.so": "elf " + version,
+			"opt/dynatrace/oneagent/agent/conf/.wh.gone":            "",
+		})), types.OCILayerZStd),
+		static.NewLayer(layerTar(t, map[string]string{
+			"opt/dynatrace/oneagent/manifest.json": `{"version":"` + version + `"}`,
+		}), types.OCIUncompressedLayer),
+	)
+}
+
+// serve runs a registry (go-containerregistry's in-memory one) behind
+// wrap and returns its host:port.
+func serve(t *testing.T, wrap func(http.Handler) http.Handler) string {
+	t.Helper()
+	h := ggcrregistry.New(ggcrregistry.Logger(log.New(io.Discard, "", 0)))
+	if wrap != nil {
+		h = wrap(h)
+	}
+	s := httptest.NewServer(h)
+	t.Cleanup(s.Close)
+	return strings.TrimPrefix(s.URL, "http://")
+}
+
+func push(t *testing.T, host, tag string, img v1.Image) string {
+	t.Helper()
+	ref, err := name.NewTag(host+"/"+repo+":"+tag, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(ref, img); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := img.Digest()
+	return d.String()
+}
+
+// tree is a Tree that builds into a fresh directory per start.
+type tree struct {
+	fsys   afero.Fs
+	starts int
+	last   *extract.Layers
+}
+
+func (tr *tree) start() (registry.Tree, error) {
+	tr.starts++
+	l, err := extract.NewLayers(tr.fsys, fmt.Sprintf("out%d", tr.starts), "opt/dynatrace/oneagent", extract.Options{})
+	tr.last = l
+	return l, err
+}
+
+func newPuller(t *testing.T, src registry.Source) *registry.Puller {
+	t.Helper()
+	if src.Arch == "" {
+		src.Arch = "amd64"
+	}
+	p, err := registry.New(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestPullAppliesLayersInOrder(t *testing.T) {
+	host := serve(t, nil)
+	want := push(t, host, "1.311.72", module(t, "1.311.72"))
+	p := newPuller(t, registry.Source{Image: host + "/" + repo + ":1.311.72"})
+	ctx := context.Background()
+	r, err := p.Resolve(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Digest != want || r.Host != host {
+		t.Fatalf("resolved %+v, want %s from %s", r, want, host)
+	}
+	tr := &tree{fsys: afero.NewMemMapFs()}
+	if _, err := p.Pull(ctx, r.Digest, tr.start); err != nil {
+		t.Fatal(err)
+	}
+	res, err := tr.last.Finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	for _, e := range res.Entries {
+		paths = append(paths, e.Type+" "+e.Path)
+	}
+	got := strings.Join(paths, ", ")
+	if got != "dir agent, dir agent/conf, dir agent/lib64, file agent/lib64/liboneagentproc.so, file manifest.json" {
+		t.Errorf("tree = %s", got)
+	}
+	if b, _ := afero.ReadFile(tr.fsys, "out1/agent/lib64/liboneagentproc.so"); string(b) != "elf 1.311.72" {
+		t.Errorf("library = %q, want the upper layer's", b)
+	}
+}
+
+func TestResolvePicksThePlatform(t *testing.T) {
+	host := serve(t, nil)
+	amd, arm := module(t, "amd"), module(t, "arm")
+	idx := mutate.AppendManifests(empty.Index,
+		mutate.IndexAddendum{Add: amd, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}},
+		mutate.IndexAddendum{Add: arm, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "arm64"}}})
+	ref, _ := name.NewTag(host+"/"+repo+":multi", name.Insecure)
+	if err := remote.WriteIndex(ref, idx); err != nil {
+		t.Fatal(err)
+	}
+	amdOnly := mutate.AppendManifests(empty.Index,
+		mutate.IndexAddendum{Add: amd, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}})
+	ref, _ = name.NewTag(host+"/"+repo+":amd-only", name.Insecure)
+	if err := remote.WriteIndex(ref, amdOnly); err != nil {
+		t.Fatal(err)
+	}
+	for arch, img := range map[string]v1.Image{"amd64": amd, "arm64": arm} {
+		p := newPuller(t, registry.Source{Image: host + "/" + repo + ":multi", Arch: arch})
+		r, err := p.Resolve(context.Background(), "")
+		want, _ := img.Digest()
+		if err != nil || r.Digest != want.String() {
+			t.Errorf("%s: resolved %+v, %v; want %s", arch, r, err, want)
+		}
+	}
+	p := newPuller(t, registry.Source{Image: host + "/" + repo + ":amd-only", Arch: "arm64"})
+	if _, err := p.Resolve(context.Background(), ""); !errors.Is(err, registry.ErrNotFound) || !strings.Contains(err.Error(), "linux/arm64") {
+		t.Errorf("wrong-platform-only index: %v, want not found naming linux/arm64", err)
+	}
+	// A version pin is a tag of the same repository.
+	p = newPuller(t, registry.Source{Image: host + "/" + repo + ":multi"})
+	if _, err := p.Resolve(context.Background(), "no-such-tag"); !errors.Is(err, registry.ErrNotFound) {
+		t.Errorf("missing tag: %v, want not found", err)
+	}
+}
+
+// corrupting flips a byte of every blob it serves while on is set.
+func corrupting(on *atomic.Bool) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !on.Load() || r.Method != http.MethodGet || !strings.Contains(r.URL.Path, "/blobs/sha256:") {
+				next.ServeHTTP(w, r)
+				return
+			}
+			rec := httptest.NewRecorder()
+			next.ServeHTTP(rec, r)
+			body := rec.Body.Bytes()
+			if len(body) > 0 {
+				body[len(body)/2] ^= 0xff
+			}
+			for k, v := range rec.Header() {
+				w.Header()[k] = v
+			}
+			w.WriteHeader(rec.Code)
+			_, _ = w.Write(body)
+		})
+	}
+}
+
+func TestCorruptedBlob(t *testing.T) {
+	var broken atomic.Bool
+	mirror := serve(t, corrupting(&broken))
+	origin := serve(t, nil)
+	img := module(t, "1")
+	digest := push(t, mirror, "1", img)
+	push(t, origin, "1", img)
+	broken.Store(true)
+
+	t.Run("a mirror's damaged copy: the next registry serves", func(t *testing.T) {
+		p := newPuller(t, registry.Source{Image: origin + "/" + repo + ":1", Mirrors: []string{mirror}})
+		tr := &tree{fsys: afero.NewMemMapFs()}
+		host, err := p.Pull(context.Background(), digest, tr.start)
+		if err != nil || host != origin || tr.starts != 2 {
+			t.Fatalf("pull from %s after %d starts: %v; want the origin after the mirror", host, tr.starts, err)
+		}
+	})
+	t.Run("the only copy damaged: bad archive", func(t *testing.T) {
+		p := newPuller(t, registry.Source{Image: mirror + "/" + repo + ":1"})
+		_, err := p.Pull(context.Background(), digest, (&tree{fsys: afero.NewMemMapFs()}).start)
+		if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), "does not match its digest") {
+			t.Fatalf("err = %v, want a bad archive saying the digest does not match", err)
+		}
+	})
+}
+
+func TestUnsupportedLayerMediaType(t *testing.T) {
+	host := serve(t, nil)
+	digest := push(t, host, "odd", image(t, static.NewLayer([]byte("BZh91AY&SY"), "application/vnd.example.layer.tar+bzip2")))
+	p := newPuller(t, registry.Source{Image: host + "/" + repo + ":odd"})
+	tr := &tree{fsys: afero.NewMemMapFs()}
+	_, err := p.Pull(context.Background(), digest, tr.start)
+	if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), "bzip2") || tr.starts != 0 {
+		t.Fatalf("err = %v after %d starts, want a bad archive naming the media type before any tree", err, tr.starts)
+	}
+}
+
+// basicAuth requires user:pass.
+func basicAuth(user, pass string) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if u, p, ok := r.BasicAuth(); !ok || u != user || p != pass {
+				w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+func writeDockerConfig(t *testing.T, path, host, user, pass string) {
+	t.Helper()
+	auth := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
+	if err := os.WriteFile(path, fmt.Appendf(nil, `{"auths":{%q:{"auth":%q}}}`, host, auth), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCredentialsFromThePullSecret(t *testing.T) {
+	open := serve(t, nil)
+	guarded := serve(t, basicAuth("puller", "s3cret"))
+	img := module(t, "1")
+	push(t, open, "1", img)
+	// Push through the same handler with credentials.
+	ref, _ := name.NewTag(guarded+"/"+repo+":1", name.Insecure)
+	if err := remote.Write(ref, img, remote.WithAuth(&authn.Basic{Username: "puller", Password: "s3cret"})); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(t.TempDir(), ".dockerconfigjson")
+	writeDockerConfig(t, secret, guarded, "puller", "wrong")
+	p := newPuller(t, registry.Source{Image: guarded + "/" + repo + ":1", PullSecretFile: secret})
+	if _, err := p.Resolve(context.Background(), ""); !errors.Is(err, registry.ErrUnauthorized) {
+		t.Fatalf("wrong password: %v, want unauthorized", err)
+	}
+	// The Secret is rotated: the next pull reads it again.
+	writeDockerConfig(t, secret, guarded, "puller", "s3cret")
+	r, err := p.Resolve(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Pull(context.Background(), r.Digest, (&tree{fsys: afero.NewMemMapFs()}).start); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(secret, []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Resolve(context.Background(), ""); err == nil || !strings.Contains(err.Error(), "pullSecretFile") {
+		t.Errorf("broken secret: %v, want an error naming pullSecretFile", err)
+	}
+}
+
+func TestMirrorsInOrder(t *testing.T) {
+	origin := serve(t, nil)
+	var mirrorHits atomic.Int64
+	mirror := serve(t, func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { mirrorHits.Add(1); next.ServeHTTP(w, r) })
+	})
+	empty := serve(t, nil)
+	img := module(t, "1")
+	digest := push(t, origin, "1", img)
+	push(t, mirror, "1", img)
+	down := closedPort(t)
+
+	p := newPuller(t, registry.Source{Image: origin + "/" + repo + ":1", Mirrors: []string{down, empty, mirror}})
+	r, err := p.Resolve(context.Background(), "")
+	if err != nil || r.Host != mirror || r.Digest != digest {
+		t.Fatalf("resolved %+v, %v; want %s from the first mirror that has it", r, err, digest)
+	}
+	host, err := p.Pull(context.Background(), digest, (&tree{fsys: afero.NewMemMapFs()}).start)
+	if err != nil || host != mirror || mirrorHits.Load() == 0 {
+		t.Fatalf("pulled from %s: %v", host, err)
+	}
+	// A mirror without the image while the origin is down: unavailable
+	// (retried), not "not found" (which would fail volumes open at once).
+	p = newPuller(t, registry.Source{Image: down + "/" + repo + ":1", Mirrors: []string{empty}})
+	if _, err := p.Resolve(context.Background(), ""); !errors.Is(err, registry.ErrUnavailable) {
+		t.Errorf("err = %v, want unavailable", err)
+	}
+}
+
+func closedPort(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	_ = l.Close()
+	return addr
+}
+
+func TestSourceValidation(t *testing.T) {
+	for _, tc := range []struct {
+		src  registry.Source
+		want string
+	}{
+		{registry.Source{Image: "UPPER/case:1", Arch: "amd64"}, `image "UPPER/case:1"`},
+		{registry.Source{Image: "r.example.com/a:1", Arch: "amd64", Mirrors: []string{"m.example.com/path"}}, "mirrors"},
+		{registry.Source{Image: "r.example.com/a:1", Arch: "amd64", CAFile: "/nonexistent"}, "caFile"},
+		{registry.Source{Image: "r.example.com/a:1", Arch: "amd64", Proxy: "::"}, "proxy"},
+		{registry.Source{Image: "r.example.com/a:1"}, "arch"},
+	} {
+		if _, err := registry.New(tc.src); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%+v: %v, want an error naming %s", tc.src, err, tc.want)
+		}
+	}
+}
