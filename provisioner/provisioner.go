@@ -562,40 +562,9 @@ func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.Ar
 	}
 	_ = fs.Remove(zipPath) // free the space before the tree is renamed in
 	now := p.opts.Now()
-	hdr := storage.ManifestHeader{Schema: storage.ManifestSchema, ArtifactID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch,
-		ZipSize: zipSize, Size: ex.Size, Files: ex.Files, InstalledAt: now}
-	mf, err := fs.OpenFile(filepath.Join(stagePath, l.ManifestName()), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
-		return storage.Artifact{}, err
-	}
-	if err := storage.WriteManifest(mf, hdr, ex.Entries); err != nil {
-		_ = mf.Close()
-		return storage.Artifact{}, err
-	}
-	if err := mf.Sync(); err != nil {
-		_ = mf.Close()
-		return storage.Artifact{}, err
-	}
-	if err := mf.Close(); err != nil {
-		return storage.Artifact{}, err
-	}
-	// Every extracted file and dir must be on disk before the rename makes
-	// the artifact "ready": a power cut never leaves a truncated file in it.
-	if err := syncFilesystem(fs, stagePath); err != nil {
-		return storage.Artifact{}, fmt.Errorf("install artifact %s: %w", id, err)
-	}
-	if err := fs.Rename(stagePath, l.Artifact(id)); err != nil {
-		if _, serr := fs.Stat(l.ArtifactManifest(id)); serr != nil {
-			return storage.Artifact{}, fmt.Errorf("install artifact %s: %w", id, err)
-		}
-		// A concurrent install of the same bytes under another key won.
-	}
-	if err := syncDir(fs, l.ArtifactsDir()); err != nil {
-		return storage.Artifact{}, fmt.Errorf("install artifact %s: %w", id, err)
-	}
 	a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: zipSize,
 		Size: ex.Size, Files: ex.Files, State: storage.ArtifactReady, InstalledAt: now, LastUsed: now}
-	if err := p.opts.Index.PutArtifact(a, key); err != nil {
+	if err := p.commitArtifact(stagePath, a, key, ex.Entries); err != nil {
 		return storage.Artifact{}, err
 	}
 	log.Info("installed code module", "artifact", id, "zipBytes", zipSize, "files", ex.Files, "bytes", ex.Size,

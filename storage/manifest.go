@@ -27,6 +27,9 @@ type ManifestHeader struct {
 	Size        int64     `json:"size"`
 	Files       int       `json:"files"`
 	InstalledAt time.Time `json:"installedAt"`
+	// Image is the reference an image artifact was pulled as (its
+	// Version is then the manifest digest); empty for ZIP artifacts.
+	Image string `json:"image,omitempty"`
 }
 
 // ManifestEntry is one file, directory or symlink of an artifact, one JSON

@@ -265,7 +265,7 @@ func reconcile(idx *Index, o *ReconcileOptions, rep *ReconcileReport) error {
 				continue
 			}
 			a := Artifact{ID: id, Version: h.Version, Flavor: h.Flavor, Arch: h.Arch, ZipSize: h.ZipSize, Size: h.Size,
-				Files: h.Files, State: ArtifactReady, InstalledAt: h.InstalledAt, LastUsed: now}
+				Files: h.Files, State: ArtifactReady, InstalledAt: h.InstalledAt, LastUsed: now, Image: h.Image}
 			if err := put(tx, bucketArtifacts, id, a); err != nil {
 				return err
 			}

@@ -26,6 +26,9 @@ type Artifact struct {
 	State       ArtifactState `json:"state"`
 	InstalledAt time.Time     `json:"installedAt"`
 	LastUsed    time.Time     `json:"lastUsed"`
+	// Image is the reference an image artifact was pulled as; its
+	// Version is the manifest digest. Empty for ZIP artifacts.
+	Image string `json:"image,omitempty"`
 }
 
 // ArtifactKey identifies what a tenant asks for; several keys may map to one
