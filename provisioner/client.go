@@ -34,7 +34,9 @@ type Tenant struct {
 	// Name is a DNS-1035 label; volumes select the tenant by it.
 	Name string `json:"name"`
 	// APIURL is the tenant's API base, e.g. https://abc12345.live.dynatrace.com/api.
-	APIURL string `json:"apiURL"`
+	// Optional when Image is set: the tenant layer (processmoduleconfig)
+	// then comes from the module's own configuration.
+	APIURL string `json:"apiURL,omitempty"`
 	// TokenFile holds the PaaS / InstallerDownload token; read on every request
 	// so that a rotated Secret is picked up without a restart.
 	TokenFile string `json:"tokenFile"`
@@ -46,6 +48,23 @@ type Tenant struct {
 	CAFile string `json:"caFile,omitempty"`
 	// Proxy is an optional HTTPS proxy URL; empty uses HTTPS_PROXY/NO_PROXY.
 	Proxy string `json:"proxy,omitempty"`
+
+	// Image, when set, is where code modules come from instead of the
+	// deployment API's ZIP: an OCI reference with a tag or a digest, e.g.
+	// registry.example.com/dynatrace/dynatrace-codemodules:1.311.72. Its
+	// tag is resolved to a manifest digest like latest (TTL, then
+	// stale-while-revalidate); a volume's version pin is another tag.
+	Image string `json:"image,omitempty"`
+	// PullSecretFile is a kubernetes.io/dockerconfigjson Secret's file for
+	// the image's registry and mirrors; re-read on every pull. Empty:
+	// anonymous pulls. CAFile and Proxy apply to registries too.
+	PullSecretFile string `json:"pullSecretFile,omitempty"`
+	// Mirrors are registry hosts (host[:port]) tried in order before the
+	// image's own, with the same repository path (a pull-through cache).
+	Mirrors []string `json:"mirrors,omitempty"`
+	// ImagePath is the code module's directory inside the image. Default
+	// opt/dynatrace/oneagent (Dynatrace's code-modules images).
+	ImagePath string `json:"imagePath,omitempty"`
 
 	// Namespaces may use this tenant: names and globs such as "team-a-*"
 	// (path.Match syntax, no labels). Empty: every namespace, so a
@@ -127,9 +146,15 @@ type Client struct {
 	opts   ClientOptions
 }
 
+// HasAPI says whether the tenant has a deployment API (apiURL).
+func (c *Client) HasAPI() bool { return c.base != nil }
+
 // NewClient validates the tenant config and builds its client.
 func NewClient(t Tenant, opts ClientOptions) (*Client, error) {
 	opts.defaults()
+	if t.APIURL == "" && t.Image != "" {
+		return &Client{tenant: t, opts: opts}, nil // code modules from the image, no API
+	}
 	u, err := url.Parse(t.APIURL)
 	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
 		return nil, fmt.Errorf("tenant %q: apiURL %q: must be an absolute http(s) URL", t.Name, t.APIURL)
@@ -197,6 +222,9 @@ func (c *Client) token() (string, error) {
 // network errors with exponential backoff and full jitter (honouring
 // Retry-After); 401, 403, 404 and other 4xx are returned at once.
 func (c *Client) do(ctx context.Context, route string, query url.Values) (*http.Response, error) {
+	if c.base == nil {
+		return nil, fmt.Errorf("tenant %q: GET %s: %w: the tenant has no apiURL (code modules come from its image)", c.tenant.Name, route, ErrNotFound)
+	}
 	u := *c.base
 	u.Path += route
 	u.RawQuery = query.Encode()

@@ -58,6 +58,10 @@ func (p *Provisioner) EnsureLayer(ctx context.Context, tenant string, a storage.
 	if err != nil {
 		return storage.TenantLayer{}, err
 	}
+	if !c.HasAPI() {
+		// An image without a tenant API: the module's own configuration.
+		return p.layerFor(tenant, a, ProcessModuleConfig{})
+	}
 	if _, _, known := p.configs.peek(tenant); !known {
 		// Nothing asked since start-up: a layer from before serves at once
 		// while the config is fetched in the background.
@@ -74,6 +78,11 @@ func (p *Provisioner) EnsureLayer(ctx context.Context, tenant string, a storage.
 		}
 		return storage.TenantLayer{}, err
 	}
+	return p.layerFor(tenant, a, pmc)
+}
+
+// layerFor returns the layer of artifact a with pmc, writing it once.
+func (p *Provisioner) layerFor(tenant string, a storage.Artifact, pmc ProcessModuleConfig) (storage.TenantLayer, error) {
 	rev := layerRev(pmc, a.ID)
 	if lay, err := p.opts.Index.GetLayer(tenant, rev); err == nil {
 		if _, serr := p.opts.Fs.Stat(p.opts.Layout.LayerInfoPath(tenant, rev)); serr == nil {

@@ -4,6 +4,7 @@ import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
 	downloads       *prometheus.CounterVec
+	imagePulls      *prometheus.CounterVec
 	downloadBytes   prometheus.Counter
 	downloadSeconds prometheus.Histogram
 	gcDeletions     *prometheus.CounterVec
@@ -14,6 +15,10 @@ type metrics struct {
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
+		imagePulls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "oneagent_csi_image_pulls_total",
+			Help: "Code-module image pulls by result (ok, unauthorized, not_found, bad_archive, timeout, unavailable, other).",
+		}, []string{"result"}),
 		downloads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "oneagent_csi_downloads_total",
 			Help: "Code module install attempts by result (ok, unauthorized, not_found, bad_archive, timeout, unavailable, other).",
@@ -45,7 +50,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		Help: "Background refreshes of what the tenant says (kind: latest, config) by result (ok, failed); failed ones back off.",
 	}, []string{"kind", "result"})
 	if reg != nil {
-		reg.MustRegister(m.downloads, m.downloadBytes, m.downloadSeconds, m.gcDeletions, m.gcFreed, m.gcOverrun, m.refreshes)
+		reg.MustRegister(m.downloads, m.imagePulls, m.downloadBytes, m.downloadSeconds, m.gcDeletions, m.gcFreed, m.gcOverrun, m.refreshes)
 	}
 	return m
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/api"
 	"github.com/oneagent-csi/oneagent-csi/internal/diskio"
 	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
+	"github.com/oneagent-csi/oneagent-csi/provisioner/registry"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
 
@@ -148,6 +149,8 @@ type Provisioner struct {
 	latest  *staleCache[string]
 	configs *staleCache[ProcessModuleConfig]
 	refused refusals
+	// images are the registry sources of tenants with an image.
+	images map[string]*registry.Puller
 	// background holds the artifact keys installing in the background.
 	background sync.Map
 
@@ -160,7 +163,7 @@ func New(opts Options) (*Provisioner, error) {
 	if opts.Index == nil {
 		return nil, errors.New("provisioner: Index is required")
 	}
-	p := &Provisioner{opts: opts, clients: map[string]*Client{},
+	p := &Provisioner{opts: opts, clients: map[string]*Client{}, images: map[string]*registry.Puller{},
 		latest:  newStaleCache[string](opts.LatestTTL, opts.RefreshBackoff, opts.Now),
 		configs: newStaleCache[ProcessModuleConfig](opts.ConfigTTL, opts.RefreshBackoff, opts.Now),
 		metrics: newMetrics(opts.Registerer),
@@ -186,6 +189,19 @@ func New(opts Options) (*Provisioner, error) {
 		case "default", "multidistro", "musl":
 		default:
 			return nil, fmt.Errorf("tenants[%d].flavor %q: must be default, multidistro or musl", i, t.Flavor)
+		}
+		if t.APIURL == "" && t.Image == "" {
+			return nil, fmt.Errorf("tenants[%d] %q: apiURL or image: at least one must be set", i, t.Name)
+		}
+		if t.Image != "" {
+			if t.Version != "latest" {
+				return nil, fmt.Errorf("tenants[%d].version %q: an image tenant follows its image's tag; put the version in image", i, t.Version)
+			}
+			puller, err := newPuller(t, opts.Arch)
+			if err != nil {
+				return nil, fmt.Errorf("tenants[%d] %q: %w", i, t.Name, err)
+			}
+			p.images[t.Name] = puller
 		}
 		c, err := NewClient(t, opts.Client)
 		if err != nil {
@@ -264,7 +280,7 @@ func (p *Provisioner) prepare(ctx context.Context, tenant, pin string, waitForLa
 	if err != nil {
 		return out, err
 	}
-	if c, _ := p.client(tenant); !waitForLatest && (pin == "" || pin == "latest") && c.Tenant().Version == "latest" {
+	if c, _ := p.client(tenant); !waitForLatest && (pin == "" || pin == "latest") && c.Tenant().Version == "latest" && p.images[tenant] == nil {
 		v = p.installedOrNewest(ctx, c, v)
 	}
 	out.Version = v
@@ -300,6 +316,9 @@ func (p *Provisioner) ResolveVersion(ctx context.Context, tenant, pin string) (s
 	c, err := p.client(tenant)
 	if err != nil {
 		return "", err
+	}
+	if p.images[tenant] != nil {
+		return p.resolveImage(ctx, c, pin)
 	}
 	if pin != "" && pin != "latest" {
 		return pin, nil
@@ -393,6 +412,9 @@ func (p *Provisioner) installedOrNewest(ctx context.Context, c *Client, latest s
 
 // artifactKey is what a tenant's version maps to on disk.
 func (p *Provisioner) artifactKey(c *Client, version string) storage.ArtifactKey {
+	if c.Tenant().Image != "" {
+		return storage.ArtifactKey{Version: version, Flavor: imageFlavor, Arch: p.opts.Arch}
+	}
 	return storage.ArtifactKey{Version: version, Flavor: c.Tenant().Flavor, Arch: p.opts.Arch}
 }
 
@@ -464,7 +486,13 @@ func (p *Provisioner) install(ctx context.Context, c *Client, key storage.Artifa
 	start := p.opts.Now()
 	var lastErr error
 	for attempt := 1; attempt <= p.opts.DownloadAttempts; attempt++ {
-		a, err := p.installOnce(ctx, c, key)
+		var a storage.Artifact
+		var err error
+		if key.Flavor == imageFlavor {
+			a, err = p.installImageOnce(ctx, c, key)
+		} else {
+			a, err = p.installOnce(ctx, c, key)
+		}
 		if err == nil {
 			p.metrics.downloads.WithLabelValues("ok").Inc()
 			p.metrics.downloadSeconds.Observe(p.opts.Now().Sub(start).Seconds())

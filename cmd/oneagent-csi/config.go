@@ -210,11 +210,11 @@ func (c *NodeConfig) validate() error {
 		if !api.ValidTenantName(t.Name) {
 			return fmt.Errorf("tenants[%d].name %q: must be a DNS-1035 label", i, t.Name)
 		}
-		if t.APIURL == "" {
-			return fmt.Errorf("tenants[%d].apiURL: must be set", i)
+		if t.APIURL == "" && t.Image == "" {
+			return fmt.Errorf("tenants[%d].apiURL: must be set (or image, for code modules from a registry)", i)
 		}
-		if t.TokenFile == "" {
-			return fmt.Errorf("tenants[%d].tokenFile: must be set", i)
+		if t.APIURL != "" && t.TokenFile == "" {
+			return fmt.Errorf("tenants[%d].tokenFile: must be set with apiURL", i)
 		}
 		if err := driver.ValidateTenantPolicy(t); err != nil {
 			return fmt.Errorf("tenants[%d].%w", i, err)

@@ -19,6 +19,8 @@ func TestNodeConfig(t *testing.T) {
 		{"no tenants", "nodeID: n\n", "tenants"},
 		{"bad tenant name", "nodeID: n\ntenants: [{name: Prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "tenants[0].name"},
 		{"no token file", "nodeID: n\ntenants: [{name: prod, apiURL: 'https://x/api'}]\n", "tenants[0].tokenFile"},
+		{"image tenant without API", "nodeID: n\ntenants: [{name: air, image: 'registry.example.com/dynatrace/codemodules:1.311.72', pullSecretFile: /s, mirrors: [mirror.local:5000], imagePath: opt/dynatrace/oneagent}]\n", ""},
+		{"neither API nor image", "nodeID: n\ntenants: [{name: prod, tokenFile: /t}]\n", "tenants[0].apiURL"},
 		{"relative data dir", "nodeID: n\ndataDir: data\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "dataDir"},
 		{"cache settings", "nodeID: n\ncache: {keepPrevious: 2, maxBytes: 20Gi, gcInterval: 5m, orphanGrace: 1h}\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", ""},
 		{"bad cache budget", "nodeID: n\ncache: {maxBytes: lots}\ntenants: [{name: prod, apiURL: 'https://x/api', tokenFile: /t}]\n", "maxBytes"},

@@ -1,15 +1,10 @@
 package registry_test
 
 import (
-	"archive/tar"
-	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"io"
-	"log"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -21,115 +16,27 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
-	ggcrregistry "github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
-	"github.com/google/go-containerregistry/pkg/v1/types"
-	"github.com/klauspost/compress/zstd"
 	"github.com/spf13/afero"
 
 	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 	"github.com/oneagent-csi/oneagent-csi/provisioner/registry"
+	"github.com/oneagent-csi/oneagent-csi/test/ocitest"
 )
 
-const repo = "dynatrace/dynatrace-codemodules"
+const repo = ocitest.Repo
 
-// layerTar is a tar stream of files (path -> content; "" content with a
-// .wh. name is a whiteout).
-func layerTar(t *testing.T, files map[string]string) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for p, c := range files {
-		if err := tw.WriteHeader(&tar.Header{Name: p, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(c))}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write([]byte(c)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
+var (
+	module = ocitest.Module
+	image  = ocitest.Image
+	push   = ocitest.Push
+)
 
-func gzipped(t *testing.T, b []byte) []byte {
-	var buf bytes.Buffer
-	zw := gzip.NewWriter(&buf)
-	if _, err := zw.Write(b); err != nil {
-		t.Fatal(err)
-	}
-	if err := zw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-func zstded(t *testing.T, b []byte) []byte {
-	zw, err := zstd.NewWriter(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return zw.EncodeAll(b, nil)
-}
-
-func image(t *testing.T, layers ...v1.Layer) v1.Image {
-	t.Helper()
-	img, err := mutate.AppendLayers(empty.Image, layers...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return mutate.MediaType(img, types.OCIManifestSchema1)
-}
-
-// module is a three-layer image: gzip, zstd (replacing the library and
-// deleting a file) and uncompressed.
-func module(t *testing.T, version string) v1.Image {
-	return image(t,
-		static.NewLayer(gzipped(t, layerTar(t, map[string]string{
-			"opt/dynatrace/oneagent/agent/lib64/liboneagentproc.so": "old",
-			"opt/dynatrace/oneagent/agent/conf/gone":                "x",
-			"etc/os-release":                                        "outside the module",
-		})), types.OCILayer),
-		static.NewLayer(zstded(t, layerTar(t, map[string]string{
-			"opt/dynatrace/oneagent/agent/lib64/liboneagentproc.so": "elf " + version,
-			"opt/dynatrace/oneagent/agent/conf/.wh.gone":            "",
-		})), types.OCILayerZStd),
-		static.NewLayer(layerTar(t, map[string]string{
-			"opt/dynatrace/oneagent/manifest.json": `{"version":"` + version + `"}`,
-		}), types.OCIUncompressedLayer),
-	)
-}
-
-// serve runs a registry (go-containerregistry's in-memory one) behind
-// wrap and returns its host:port.
-func serve(t *testing.T, wrap func(http.Handler) http.Handler) string {
-	t.Helper()
-	h := ggcrregistry.New(ggcrregistry.Logger(log.New(io.Discard, "", 0)))
-	if wrap != nil {
-		h = wrap(h)
-	}
-	s := httptest.NewServer(h)
-	t.Cleanup(s.Close)
-	return strings.TrimPrefix(s.URL, "http://")
-}
-
-func push(t *testing.T, host, tag string, img v1.Image) string {
-	t.Helper()
-	ref, err := name.NewTag(host+"/"+repo+":"+tag, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatal(err)
-	}
-	d, _ := img.Digest()
-	return d.String()
-}
+func serve(t *testing.T, wrap func(http.Handler) http.Handler) string { return ocitest.Serve(t, wrap) }
 
 // tree is a Tree that builds into a fresh directory per start.
 type tree struct {
@@ -182,7 +89,7 @@ func TestPullAppliesLayersInOrder(t *testing.T) {
 		paths = append(paths, e.Type+" "+e.Path)
 	}
 	got := strings.Join(paths, ", ")
-	if got != "dir agent, dir agent/conf, dir agent/lib64, file agent/lib64/liboneagentproc.so, file manifest.json" {
+	if got != "dir agent, dir agent/conf, file agent/conf/ruxitagentproc.conf, dir agent/lib64, file agent/lib64/liboneagentproc.so, file manifest.json" {
 		t.Errorf("tree = %s", got)
 	}
 	if b, _ := afero.ReadFile(tr.fsys, "out1/agent/lib64/liboneagentproc.so"); string(b) != "elf 1.311.72" {

@@ -1,0 +1,181 @@
+package provisioner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
+	"github.com/oneagent-csi/oneagent-csi/provisioner/registry"
+	"github.com/oneagent-csi/oneagent-csi/storage"
+)
+
+// DefaultImagePath is where Dynatrace's code-modules images keep the
+// module.
+const DefaultImagePath = "opt/dynatrace/oneagent"
+
+// imageFlavor is the flavor of image artifacts' keys: an image is one
+// build, its digest says everything.
+const imageFlavor = "image"
+
+// imageArch maps the tenant API's arch names to OCI platform ones.
+func imageArch(arch string) string {
+	switch arch {
+	case "x86", "amd64":
+		return "amd64"
+	case "arm", "arm64":
+		return "arm64"
+	}
+	return arch
+}
+
+// newPuller builds the registry source of an image tenant.
+func newPuller(t Tenant, arch string) (*registry.Puller, error) {
+	return registry.New(registry.Source{Image: t.Image, PullSecretFile: t.PullSecretFile, CAFile: t.CAFile,
+		Proxy: t.Proxy, Mirrors: t.Mirrors, Arch: imageArch(arch)})
+}
+
+// imageCacheKey is where the resolution of a tag is kept: the tenant's own
+// configured reference under the tenant's name (like latest), a pinned tag
+// beside it.
+func imageCacheKey(tenant, pin string) string {
+	if pin == "" {
+		return tenant
+	}
+	return tenant + ":" + pin
+}
+
+// resolveImage returns the manifest digest the tenant's image (or the
+// pinned tag of its repository) stands for on this node's platform, with
+// the TTL and stale-while-revalidate rules of latest.
+func (p *Provisioner) resolveImage(ctx context.Context, c *Client, pin string) (string, error) {
+	tenant := c.Tenant().Name
+	if pin == "latest" {
+		pin = ""
+	}
+	key := imageCacheKey(tenant, pin)
+	puller := p.images[tenant]
+	if _, _, ok := p.latest.peek(key); !ok && pin == "" {
+		if r, ierr := p.opts.Index.GetResolution(tenant); ierr == nil && strings.HasPrefix(r.Version, "sha256:") {
+			p.latest.seed(key, r.Version, time.Time{})
+		}
+	}
+	d, stale, err := p.latest.get(ctx, key, 2*time.Minute, func(ctx context.Context) (string, error) {
+		r, err := puller.Resolve(ctx, pin)
+		if err != nil {
+			return "", imageError(err)
+		}
+		if prev, _, _ := p.latest.peek(key); prev != r.Digest {
+			klog.FromContext(ctx).Info("image resolved", "tenant", tenant, "image", puller.Image(), "tag", pin, "digest", r.Digest, "previous", prev, "registry", r.Host)
+			if pin == "" {
+				if err := p.opts.Index.PutResolution(storage.Resolution{Tenant: tenant, Version: r.Digest, ResolvedAt: p.opts.Now()}); err != nil {
+					klog.FromContext(ctx).Error(err, "recording image resolution", "tenant", tenant)
+				}
+			}
+		}
+		return r.Digest, nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("tenant %q: resolving image %s: %w", tenant, puller.Image(), err)
+	}
+	if stale {
+		klog.FromContext(ctx).V(2).Info("serving the last known image digest while it is refreshed", "tenant", tenant, "digest", d)
+	}
+	return d, nil
+}
+
+// imageError maps the registry package's sentinels to the provisioner's,
+// which the driver turns into gRPC codes.
+func imageError(err error) error {
+	switch {
+	case errors.Is(err, registry.ErrUnauthorized):
+		return fmt.Errorf("%w: %w", ErrUnauthorized, err)
+	case errors.Is(err, registry.ErrNotFound):
+		return fmt.Errorf("%w: %w", ErrNotFound, err)
+	case errors.Is(err, registry.ErrUnavailable):
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return err
+}
+
+// installImageOnce pulls the image with digest key.Version, builds the
+// module's tree from its layers while they stream in (into tmp/, a fresh
+// stage per registry tried) and commits it as artifact <digest hex>.
+func (p *Provisioner) installImageOnce(ctx context.Context, c *Client, key storage.ArtifactKey) (storage.Artifact, error) {
+	l, fs := p.opts.Layout, p.opts.Fs
+	log := klog.FromContext(ctx)
+	t := c.Tenant()
+	puller := p.images[t.Name]
+	id := strings.TrimPrefix(key.Version, "sha256:")
+	if h, err := storage.ReadManifestHeader(fs, l.ArtifactManifest(id)); err == nil && h.ArtifactID == id {
+		// Installed already (another tenant uses the same image).
+		a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: h.ZipSize,
+			Size: h.Size, Files: h.Files, State: storage.ArtifactReady, InstalledAt: h.InstalledAt, LastUsed: p.opts.Now(), Image: h.Image}
+		return a, p.opts.Index.PutArtifact(a, key)
+	}
+	imagePath := t.ImagePath
+	if imagePath == "" {
+		imagePath = DefaultImagePath
+	}
+	var stages []string
+	defer func() {
+		for _, s := range stages {
+			_ = fs.RemoveAll(s)
+		}
+	}()
+	var layers *extract.Layers
+	var pulled countingTree
+	start := p.opts.Now()
+	host, err := puller.Pull(ctx, key.Version, func() (registry.Tree, error) {
+		for _, s := range stages {
+			_ = fs.RemoveAll(s) // the previous registry's partial tree
+		}
+		stage := l.TmpEntry(randomName("image-"))
+		stages = append(stages, stage)
+		if err := fs.Mkdir(stage, 0o755); err != nil {
+			return nil, err
+		}
+		var err error
+		layers, err = extract.NewLayers(fs, filepath.Join(stage, l.TreeName()), imagePath,
+			extract.Options{Limits: p.opts.Limits, PageCache: p.opts.PageCache})
+		pulled = countingTree{tree: layers}
+		return &pulled, err
+	})
+	if err != nil {
+		p.metrics.imagePulls.WithLabelValues(failureCause(imageError(err))).Inc()
+		return storage.Artifact{}, fmt.Errorf("tenant %q image %s@%s: %w", t.Name, puller.Image(), key.Version, imageError(err))
+	}
+	ex, err := layers.Finish()
+	if err != nil {
+		p.metrics.imagePulls.WithLabelValues("bad_archive").Inc()
+		return storage.Artifact{}, fmt.Errorf("tenant %q image %s@%s: %w", t.Name, puller.Image(), key.Version, err)
+	}
+	p.metrics.imagePulls.WithLabelValues("ok").Inc()
+	p.metrics.downloadBytes.Add(float64(pulled.bytes))
+	now := p.opts.Now()
+	a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: pulled.bytes,
+		Size: ex.Size, Files: ex.Files, State: storage.ArtifactReady, InstalledAt: now, LastUsed: now, Image: puller.Image()}
+	if err := p.commitArtifact(stages[len(stages)-1], a, key, ex.Entries); err != nil {
+		return storage.Artifact{}, err
+	}
+	log.Info("installed code module from image", "artifact", id, "image", puller.Image(), "digest", key.Version, "registry", host,
+		"layerBytes", pulled.bytes, "files", ex.Files, "bytes", ex.Size, "took", now.Sub(start).Round(time.Millisecond))
+	return a, nil
+}
+
+// countingTree counts the compressed bytes of the layers it applies.
+type countingTree struct {
+	tree  registry.Tree
+	bytes int64
+}
+
+func (c *countingTree) Apply(ctx context.Context, layer io.Reader, compressedSize int64) error {
+	c.bytes += compressedSize
+	return c.tree.Apply(ctx, layer, compressedSize)
+}

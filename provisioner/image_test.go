@@ -1,0 +1,230 @@
+package provisioner_test
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"errors"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/storage"
+	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
+	"github.com/oneagent-csi/oneagent-csi/test/ocitest"
+)
+
+// imageFixture is a provisioner whose tenants take code modules from an
+// image in go-containerregistry's registry.
+type imageFixture struct {
+	host   string
+	digest string
+	blobs  *atomic.Int64
+	layout storage.Layout
+	idx    *storage.Index
+}
+
+func newImageFixture(t *testing.T) *imageFixture {
+	t.Helper()
+	f := &imageFixture{blobs: &atomic.Int64{}}
+	f.host = ocitest.Serve(t, func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
+				f.blobs.Add(1)
+			}
+			next.ServeHTTP(w, r)
+		})
+	})
+	f.digest = ocitest.Push(t, f.host, "1.311.72", ocitest.Module(t, "1.311.72"))
+	var err error
+	if f.layout, err = storage.NewLayout(t.TempDir()); err != nil {
+		t.Fatal(err)
+	}
+	if f.idx, _, err = storage.Open(storage.ReconcileOptions{Layout: f.layout}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.idx.Close() })
+	return f
+}
+
+func (f *imageFixture) provisioner(t *testing.T, tenants ...provisioner.Tenant) *provisioner.Provisioner {
+	t.Helper()
+	p, err := provisioner.New(provisioner.Options{Layout: f.layout, Index: f.idx, Tenants: tenants, Client: fastRetries})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func (f *imageFixture) image() string { return f.host + "/" + ocitest.Repo + ":1.311.72" }
+
+func TestImageTenantServesTheModuleFromItsImage(t *testing.T) {
+	f := newImageFixture(t)
+	p := f.provisioner(t, provisioner.Tenant{Name: "air", Image: f.image()}, provisioner.Tenant{Name: "gap", Image: f.image()})
+	ctx := context.Background()
+	prep, err := p.Prepare(ctx, "air", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Content-addressed: the artifact is the manifest digest.
+	if prep.Version != f.digest || "sha256:"+prep.Artifact.ID != f.digest || prep.Artifact.Image != f.host+"/"+ocitest.Repo+":1.311.72" {
+		t.Fatalf("prepared %+v, want artifact %s", prep.Artifact, f.digest)
+	}
+	tree := f.layout.Abs(f.layout.ArtifactTree(prep.Artifact.ID))
+	if b, err := os.ReadFile(filepath.Join(tree, "agent/lib64/liboneagentproc.so")); err != nil || string(b) != "elf 1.311.72" {
+		t.Fatalf("library = %q, %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(tree, "agent/conf/gone")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("whited-out file present: %v", err)
+	}
+	// No API: the layer is the module's own configuration.
+	conf, err := os.ReadFile(filepath.Join(f.layout.Abs(f.layout.LayerTree("air", prep.Layer.Rev)), "agent/conf/ruxitagentproc.conf"))
+	if err != nil || !strings.Contains(string(conf), "loglevel info") {
+		t.Fatalf("layer conf %q: %v", conf, err)
+	}
+	h, entries, err := storage.ReadManifest(afs(f.layout), f.layout.ArtifactManifest(prep.Artifact.ID))
+	if err != nil || h.Image != prep.Artifact.Image || h.Version != f.digest || len(entries) != 6 {
+		t.Fatalf("manifest %+v, %d entries: %v", h, len(entries), err)
+	}
+	if got := tmpEntries(t, f.layout); len(got) != 0 {
+		t.Errorf("tmp/ not clean: %v", got)
+	}
+	// A second tenant with the same image: one artifact, no second pull.
+	pulled := f.blobs.Load()
+	prep2, err := p.Prepare(ctx, "gap", "")
+	if err != nil || prep2.Artifact.ID != prep.Artifact.ID || f.blobs.Load() != pulled {
+		t.Fatalf("second tenant: %+v, %v; blob GETs %d -> %d", prep2.Artifact, err, pulled, f.blobs.Load())
+	}
+}
+
+func TestImageWithTenantAPIMergesTheTenantConfig(t *testing.T) {
+	f := newImageFixture(t)
+	_, tenant := startTenant(t, faketenant.Options{})
+	tenant.Image = f.image()
+	p := f.provisioner(t, tenant)
+	prep, err := p.Prepare(context.Background(), "prod", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if prep.Version != f.digest {
+		t.Fatalf("version %s, want the image digest %s", prep.Version, f.digest)
+	}
+	conf, err := os.ReadFile(filepath.Join(f.layout.Abs(f.layout.LayerTree("prod", prep.Layer.Rev)), "agent/conf/ruxitagentproc.conf"))
+	if err != nil || !strings.Contains(string(conf), "tenant fake-tenant-uuid") || !strings.Contains(string(conf), "loglevel info") {
+		t.Fatalf("layer conf %q: %v", conf, err)
+	}
+}
+
+func TestImageFailures(t *testing.T) {
+	t.Run("version pin names a missing tag", func(t *testing.T) {
+		f := newImageFixture(t)
+		p := f.provisioner(t, provisioner.Tenant{Name: "air", Image: f.image()})
+		_, err := p.Prepare(context.Background(), "air", "9.9.9")
+		if !errors.Is(err, provisioner.ErrNotFound) || !provisioner.IsPermanent(err) {
+			t.Fatalf("err = %v, want a permanent not found", err)
+		}
+	})
+	t.Run("wrong credentials", func(t *testing.T) {
+		f := newImageFixture(t)
+		secret := filepath.Join(t.TempDir(), ".dockerconfigjson")
+		if err := os.WriteFile(secret, []byte(`{"auths":{"`+f.host+`":{"auth":"dTpw"}}}`), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		guarded := ocitest.Serve(t, func(http.Handler) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+				w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+				w.WriteHeader(http.StatusUnauthorized)
+			})
+		})
+		p := f.provisioner(t, provisioner.Tenant{Name: "air", Image: guarded + "/" + ocitest.Repo + ":1", PullSecretFile: secret})
+		_, err := p.Prepare(context.Background(), "air", "")
+		if !errors.Is(err, provisioner.ErrUnauthorized) {
+			t.Fatalf("err = %v, want unauthorized", err)
+		}
+	})
+	t.Run("an image with a device file is refused and nothing stays in tmp", func(t *testing.T) {
+		f := newImageFixture(t)
+		hostile := ocitest.Image(t, static.NewLayer(hostileTar(t), types.OCIUncompressedLayer))
+		ocitest.Push(t, f.host, "hostile", hostile)
+		p := f.provisioner(t, provisioner.Tenant{Name: "air", Image: f.host + "/" + ocitest.Repo + ":hostile"})
+		_, err := p.Prepare(context.Background(), "air", "")
+		if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "unsupported type") {
+			t.Fatalf("err = %v, want a bad archive", err)
+		}
+		if got := tmpEntries(t, f.layout); len(got) != 0 {
+			t.Errorf("tmp/ not clean: %v", got)
+		}
+		if arts, _ := f.idx.ListArtifacts(); len(arts) != 0 {
+			t.Errorf("artifacts recorded: %+v", arts)
+		}
+	})
+	t.Run("registry down with the module cached", func(t *testing.T) {
+		f := newImageFixture(t)
+		tenant := provisioner.Tenant{Name: "air", Image: f.image()}
+		first, err := f.provisioner(t, tenant).Prepare(context.Background(), "air", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A restarted node whose registry is gone: the resolution the first
+		// recorded and the installed artifact serve at once.
+		tenant.Image = closedHost(t) + "/" + ocitest.Repo + ":1.311.72"
+		prep, err := f.provisioner(t, tenant).Prepare(context.Background(), "air", "")
+		if err != nil || prep.Artifact.ID != first.Artifact.ID {
+			t.Fatalf("prepared %+v: %v", prep.Artifact, err)
+		}
+	})
+	t.Run("config", func(t *testing.T) {
+		for _, tc := range []struct {
+			tenant provisioner.Tenant
+			want   string
+		}{
+			{provisioner.Tenant{Name: "a"}, "apiURL or image"},
+			{provisioner.Tenant{Name: "a", Image: "Not A Ref"}, `image "Not A Ref"`},
+			{provisioner.Tenant{Name: "a", Image: "r.example.com/x:1", Version: "1.2.3"}, "tenants[0].version"},
+			{provisioner.Tenant{Name: "a", Image: "r.example.com/x:1", Mirrors: []string{"https://m"}}, "mirrors"},
+		} {
+			f := newImageFixture(t)
+			_, err := provisioner.New(provisioner.Options{Layout: f.layout, Index: f.idx, Tenants: []provisioner.Tenant{tc.tenant}})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%+v: %v, want an error naming %s", tc.tenant, err, tc.want)
+			}
+		}
+	})
+}
+
+func closedHost(t *testing.T) string {
+	t.Helper()
+	l, err := netListen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	_ = l.Close()
+	return addr
+}
+
+// hostileTar is a layer with a device file in the module.
+func hostileTar(t *testing.T) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, h := range []*tar.Header{
+		{Name: "opt/dynatrace/oneagent/agent/lib64/liboneagentproc.so", Typeflag: tar.TypeReg, Mode: 0o755},
+		{Name: "opt/dynatrace/oneagent/agent/null", Typeflag: tar.TypeChar, Mode: 0o666, Devmajor: 1, Devminor: 3},
+	} {
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
