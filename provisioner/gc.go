@@ -424,14 +424,30 @@ func (p *Provisioner) keptArtifacts(arts []storage.Artifact, layers []storage.Te
 		for v := range versions {
 			ordered = append(ordered, v)
 		}
-		slices.SortFunc(ordered, func(a, b string) int { return -CompareVersions(a, b) })
+		// An image tenant's versions are digests: newest installed first.
+		isImage := p.images[name] != nil
+		installed := func(v string) time.Time {
+			var t time.Time
+			for _, id := range versions[v] {
+				if byID[id].InstalledAt.After(t) {
+					t = byID[id].InstalledAt
+				}
+			}
+			return t
+		}
+		slices.SortFunc(ordered, func(a, b string) int {
+			if isImage {
+				return installed(b).Compare(installed(a))
+			}
+			return -CompareVersions(a, b)
+		})
 		previous := 0
 		for _, v := range ordered {
 			why := ""
 			switch {
 			case v == current:
 				why = "current"
-			case current != "" && CompareVersions(v, current) > 0:
+			case !isImage && current != "" && CompareVersions(v, current) > 0:
 				why = "" // newer than current (a pin went back): not kept by policy
 			case previous < p.opts.GC.KeepPrevious:
 				previous++

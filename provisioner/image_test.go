@@ -8,12 +8,15 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"k8s.io/mount-utils"
 
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
@@ -227,4 +230,42 @@ func hostileTar(t *testing.T) []byte {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+func TestGCKeepsTheCurrentAndPreviousImages(t *testing.T) {
+	f := newImageFixture(t)
+	clk := &clock{now: time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)}
+	// Three builds, installed one after the other through pins; the
+	// tenant's own tag is the newest.
+	var digests []string
+	for _, v := range []string{"v1", "v2", "v3"} {
+		digests = append(digests, ocitest.Push(t, f.host, v, ocitest.Module(t, v)))
+	}
+	ocitest.Push(t, f.host, "current", ocitest.Module(t, "v3"))
+	p, err := provisioner.New(provisioner.Options{Layout: f.layout, Index: f.idx, Client: fastRetries, Now: clk.Now,
+		Tenants: []provisioner.Tenant{{Name: "air", Image: f.host + "/" + ocitest.Repo + ":current"}},
+		GC:      provisioner.GCOptions{MountInfo: func() ([]mount.MountInfo, error) { return nil, nil }}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{"v1", "v2", ""} {
+		if _, err := p.Prepare(context.Background(), "air", v); err != nil {
+			t.Fatal(err)
+		}
+		clk.add(time.Hour)
+	}
+	if _, err := p.GC(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	var kept []string
+	arts, _ := f.idx.ListArtifacts()
+	for _, a := range arts {
+		kept = append(kept, a.Version)
+	}
+	slices.Sort(kept)
+	want := []string{digests[1], digests[2]}
+	slices.Sort(want)
+	if !slices.Equal(kept, want) {
+		t.Fatalf("kept %v, want the current image and the one installed before it %v (not %s)", kept, want, digests[0])
+	}
 }
