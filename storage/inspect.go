@@ -30,6 +30,9 @@ type ArtifactInfo struct {
 	State       string    `json:"state"`
 	InstalledAt time.Time `json:"installedAt"`
 	LastUsed    time.Time `json:"lastUsed"`
+	// Image is the reference of an image artifact (Version is then its
+	// manifest digest).
+	Image string `json:"image,omitempty"`
 }
 
 // ArtifactDetail is `cache show`: the artifact, its tenant layers and the
@@ -75,7 +78,7 @@ func ListArtifactInfo(idx *Index, refs MountRefs) ([]ArtifactInfo, error) {
 			ts = []string{}
 		}
 		out = append(out, ArtifactInfo{ID: a.ID, Version: a.Version, Flavor: a.Flavor, Arch: a.Arch, Tenants: ts, Size: a.Size,
-			Files: a.Files, Refs: uses[a.ID], Mounts: refs.Artifacts[a.ID], State: string(a.State), InstalledAt: a.InstalledAt, LastUsed: a.LastUsed})
+			Files: a.Files, Refs: uses[a.ID], Mounts: refs.Artifacts[a.ID], State: string(a.State), InstalledAt: a.InstalledAt, LastUsed: a.LastUsed, Image: a.Image})
 	}
 	slices.SortFunc(out, func(a, b ArtifactInfo) int {
 		if c := strings.Compare(b.Version, a.Version); c != 0 {

@@ -245,9 +245,22 @@ func dash(s string) string {
 func printArtifacts(w io.Writer, v []storage.ArtifactInfo) {
 	fmt.Fprintln(w, "ARTIFACT\tVERSION\tFLAVOR\tARCH\tTENANTS\tSIZE\tFILES\tREFS\tMOUNTS\tLAST USED\tSTATE")
 	for _, a := range v {
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\n", short(a.ID), a.Version, dash(a.Flavor), dash(a.Arch),
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\n", short(a.ID), displayVersion(a), dash(a.Flavor), dash(a.Arch),
 			dash(strings.Join(a.Tenants, ",")), bytesHuman(a.Size), a.Files, a.Refs, a.Mounts, stamp(a.LastUsed), a.State)
 	}
+}
+
+// displayVersion is an artifact's version, or for an image artifact its
+// reference with the manifest digest shortened.
+func displayVersion(a storage.ArtifactInfo) string {
+	if a.Image == "" {
+		return a.Version
+	}
+	d := a.Version
+	if len(d) > len("sha256:")+12 {
+		d = d[:len("sha256:")+12]
+	}
+	return a.Image + "@" + d
 }
 
 func printShow(w io.Writer, v []storage.ArtifactDetail) {
@@ -255,12 +268,15 @@ func printShow(w io.Writer, v []storage.ArtifactDetail) {
 		if i > 0 {
 			fmt.Fprintln(w)
 		}
-		for _, kv := range [][2]string{
-			{"Artifact", d.ID}, {"Version", d.Version}, {"Flavor", dash(d.Flavor)}, {"Arch", dash(d.Arch)},
+		head := [][2]string{{"Artifact", d.ID}, {"Version", d.Version}}
+		if d.Image != "" {
+			head = append(head, [2]string{"Image", d.Image})
+		}
+		for _, kv := range append(head, [][2]string{ {"Flavor", dash(d.Flavor)}, {"Arch", dash(d.Arch)},
 			{"Tenants", dash(strings.Join(d.Tenants, ","))}, {"Size", fmt.Sprintf("%s (%d bytes)", bytesHuman(d.Size), d.Size)},
 			{"Files", fmt.Sprint(d.Files)}, {"State", d.State}, {"Installed", stamp(d.InstalledAt)}, {"Last used", stamp(d.LastUsed)},
 			{"Refs", fmt.Sprint(d.Refs)}, {"Mounts", fmt.Sprint(d.Mounts)},
-		} {
+		}...) {
 			fmt.Fprintf(w, "%s:\t%s\n", kv[0], kv[1])
 		}
 		fmt.Fprintln(w, "Layers:")
