@@ -272,7 +272,7 @@ func printShow(w io.Writer, v []storage.ArtifactDetail) {
 		if d.Image != "" {
 			head = append(head, [2]string{"Image", d.Image})
 		}
-		for _, kv := range append(head, [][2]string{ {"Flavor", dash(d.Flavor)}, {"Arch", dash(d.Arch)},
+		for _, kv := range append(head, [][2]string{{"Flavor", dash(d.Flavor)}, {"Arch", dash(d.Arch)},
 			{"Tenants", dash(strings.Join(d.Tenants, ","))}, {"Size", fmt.Sprintf("%s (%d bytes)", bytesHuman(d.Size), d.Size)},
 			{"Files", fmt.Sprint(d.Files)}, {"State", d.State}, {"Installed", stamp(d.InstalledAt)}, {"Last used", stamp(d.LastUsed)},
 			{"Refs", fmt.Sprint(d.Refs)}, {"Mounts", fmt.Sprint(d.Mounts)},
