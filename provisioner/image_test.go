@@ -191,7 +191,7 @@ func TestImageFailures(t *testing.T) {
 			{provisioner.Tenant{Name: "a"}, "apiURL or image"},
 			{provisioner.Tenant{Name: "a", Image: "Not A Ref"}, `image "Not A Ref"`},
 			{provisioner.Tenant{Name: "a", Image: "r.example.com/x:1", Version: "1.2.3"}, "tenants[0].version"},
-			{provisioner.Tenant{Name: "a", Image: "r.example.com/x:1", Mirrors: []string{"https://m"}}, "mirrors"},
+			{provisioner.Tenant{Name: "a", Image: "r.example.com/x:1", Mirrors: []string{"https://m/path"}}, "mirrors"},
 		} {
 			f := newImageFixture(t)
 			_, err := provisioner.New(provisioner.Options{Layout: f.layout, Index: f.idx, Tenants: []provisioner.Tenant{tc.tenant}})

@@ -55,7 +55,8 @@ type Source struct {
 	CAFile string
 	// Proxy is an HTTPS proxy URL; empty uses HTTPS_PROXY/NO_PROXY.
 	Proxy string
-	// Mirrors are registry hosts (host[:port]) tried in order before the
+	// Mirrors are registry hosts (host[:port], or http://host[:port] for
+	// a plain-HTTP mirror inside the cluster) tried in order before the
 	// image's own registry, with the same repository path.
 	Mirrors []string
 	// Arch is the platform's architecture (amd64, arm64); the OS is linux.
@@ -77,8 +78,9 @@ func New(src Source) (*Puller, error) {
 		return nil, fmt.Errorf("image %q: %w", src.Image, err)
 	}
 	for _, m := range src.Mirrors {
-		if _, err := name.NewRegistry(m, name.StrictValidation); err != nil || strings.ContainsAny(m, "/@") {
-			return nil, fmt.Errorf("mirrors: %q is not a registry host[:port]", m)
+		host, _ := mirrorHost(m)
+		if _, err := name.NewRegistry(host, name.StrictValidation); err != nil || host == "" || strings.ContainsAny(host, "/@") {
+			return nil, fmt.Errorf("mirrors: %q is not a registry host[:port] (or http://host[:port] for a mirror inside the cluster)", m)
 		}
 	}
 	if src.Arch == "" {
@@ -117,19 +119,34 @@ func (p *Puller) refs(ref name.Reference) []name.Reference {
 	var out []name.Reference
 	repo := ref.Context().RepositoryStr()
 	for _, m := range p.src.Mirrors {
+		host, plain := mirrorHost(m)
+		var opts []name.Option
+		if plain {
+			opts = append(opts, name.Insecure)
+		}
 		var r name.Reference
 		var err error
 		switch v := ref.(type) {
 		case name.Digest:
-			r, err = name.NewDigest(m + "/" + repo + "@" + v.DigestStr())
+			r, err = name.NewDigest(host+"/"+repo+"@"+v.DigestStr(), opts...)
 		default:
-			r, err = name.NewTag(m + "/" + repo + ":" + ref.Identifier())
+			r, err = name.NewTag(host+"/"+repo+":"+ref.Identifier(), opts...)
 		}
 		if err == nil {
 			out = append(out, r)
 		}
 	}
 	return append(out, ref)
+}
+
+// mirrorHost splits a mirrors entry into its host and whether it is
+// plain HTTP ("http://host:port", for a mirror inside the cluster whose
+// traffic never leaves it); a bare host or "https://host" is TLS.
+func mirrorHost(m string) (string, bool) {
+	if h, ok := strings.CutPrefix(m, "http://"); ok {
+		return h, true
+	}
+	return strings.TrimPrefix(m, "https://"), false
 }
 
 func (p *Puller) options(ctx context.Context) ([]remote.Option, error) {

@@ -268,6 +268,11 @@ func TestMirrorsInOrder(t *testing.T) {
 	if err != nil || host != mirror || mirrorHits.Load() == 0 {
 		t.Fatalf("pulled from %s: %v", host, err)
 	}
+	// A plain-HTTP mirror inside the cluster.
+	p = newPuller(t, registry.Source{Image: down + "/" + repo + ":1", Mirrors: []string{"http://" + mirror}})
+	if r, err := p.Resolve(context.Background(), ""); err != nil || r.Host != mirror {
+		t.Errorf("http:// mirror: %+v, %v", r, err)
+	}
 	// A mirror without the image while the origin is down: unavailable
 	// (retried), not "not found" (which would fail volumes open at once).
 	p = newPuller(t, registry.Source{Image: down + "/" + repo + ":1", Mirrors: []string{empty}})
@@ -293,6 +298,7 @@ func TestSourceValidation(t *testing.T) {
 	}{
 		{registry.Source{Image: "UPPER/case:1", Arch: "amd64"}, `image "UPPER/case:1"`},
 		{registry.Source{Image: "r.example.com/a:1", Arch: "amd64", Mirrors: []string{"m.example.com/path"}}, "mirrors"},
+		{registry.Source{Image: "r.example.com/a:1", Arch: "amd64", Mirrors: []string{"http://"}}, "mirrors"},
 		{registry.Source{Image: "r.example.com/a:1", Arch: "amd64", CAFile: "/nonexistent"}, "caFile"},
 		{registry.Source{Image: "r.example.com/a:1", Arch: "amd64", Proxy: "::"}, "proxy"},
 		{registry.Source{Image: "r.example.com/a:1"}, "arch"},
