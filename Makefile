@@ -12,7 +12,7 @@ IMAGE_ARCHS := amd64 arm64
 # Packages whose tests need root (real mounts); they skip when not root.
 PKGS := ./...
 
-.PHONY: help build image test unit e2e demo bench bench-e2e lint fmt vet run clean
+.PHONY: help build image test unit e2e fleet demo bench bench-e2e lint fmt vet run clean
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z0-9_-]+:.*## /{printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +41,9 @@ e2e: build image ## end to end against a real kube-apiserver, etcd, kubelet and 
 	cd test/e2e && $(GO) vet ./... && E2E_K8S_BIN=$$(scripts/build-k8s.sh) && \
 	  E2E_K8S_BIN=$$E2E_K8S_BIN ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi ONEAGENT_CSI_IMAGE=$(CURDIR)/$(IMAGE_TAR) \
 	  $(GO) test -p 1 -count=1 -timeout 40m ./...
+
+fleet: build ## 20 node processes install a new image at once through one pull-through mirror (root; see BENCHMARKS.md)
+	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -count=1 -v -timeout 20m -run Fleet ./test/fleet/
 
 demo: build ## a local cluster, fake tenant, node plugin and injector; deploys a sample app and shows the agent arrive (root)
 	@command -v containerd >/dev/null && command -v runc >/dev/null && command -v gcc >/dev/null || \

@@ -45,7 +45,17 @@ func NewProcessEnvWithTenant(t testing.TB, opts faketenant.Options, prefetch boo
 	if edit != nil {
 		edit(&tenant)
 	}
-	e := &ProcessEnv{t: t, Tenant: srv, DataDir: t.TempDir(), Targets: t.TempDir()}
+	e := NewProcessEnvFor(t, tenant, prefetch, extra...)
+	e.Tenant = srv
+	return e
+}
+
+// NewProcessEnvFor writes a node config for a new data dir that serves
+// tenant (which may take its code modules from an image) and starts no
+// fake tenant; extra entries are merged into the config.
+func NewProcessEnvFor(t testing.TB, tenant provisioner.Tenant, prefetch bool, extra ...map[string]any) *ProcessEnv {
+	t.Helper()
+	e := &ProcessEnv{t: t, DataDir: t.TempDir(), Targets: t.TempDir()}
 	t.Cleanup(func() { UnmountAllBelow(t, e.Targets) })
 	sockets := t.TempDir()
 	e.Socket, e.AdminSocket = filepath.Join(sockets, "csi.sock"), filepath.Join(sockets, "admin.sock")
