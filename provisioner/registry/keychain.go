@@ -29,9 +29,9 @@ func (k keychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
 	return authn.Anonymous, nil
 }
 
-// readKeychain reads a dockerconfigjson file; empty path: anonymous pulls.
+// ReadKeychain reads a dockerconfigjson file; empty path: anonymous pulls.
 // It is read on every pull so that a rotated Secret takes effect at once.
-func readKeychain(path string) (authn.Keychain, error) {
+func ReadKeychain(path string) (authn.Keychain, error) {
 	if path == "" {
 		return keychain{}, nil
 	}

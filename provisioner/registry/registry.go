@@ -150,7 +150,7 @@ func mirrorHost(m string) (string, bool) {
 }
 
 func (p *Puller) options(ctx context.Context) ([]remote.Option, error) {
-	keys, err := readKeychain(p.src.PullSecretFile)
+	keys, err := ReadKeychain(p.src.PullSecretFile)
 	if err != nil {
 		return nil, err
 	}
