@@ -36,7 +36,7 @@ func newRootCommand() *cobra.Command {
 	klogFlags := flag.NewFlagSet("klog", flag.ExitOnError)
 	klog.InitFlags(klogFlags)
 	root.PersistentFlags().AddGoFlag(klogFlags.Lookup("v"))
-	root.AddCommand(newNodeCommand(), newInjectorCommand(), newInitCommand(), newCacheCommand(), newIstioCommand(), newTroubleshootCommand(), &cobra.Command{
+	root.AddCommand(newNodeCommand(), newInjectorCommand(), newInitCommand(), newCacheCommand(), newIstioCommand(), newTroubleshootCommand(), newMirrorCommand(), &cobra.Command{
 		Use:   "version",
 		Short: "Print the version",
 		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), version) },
