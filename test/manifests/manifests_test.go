@@ -538,3 +538,94 @@ func TestKustomization(t *testing.T) {
 		}
 	}
 }
+
+// The code-modules mirror component: its Deployment runs `oneagent-csi
+// mirror` from the driver's image with the flags the command has, its
+// Service and NetworkPolicy select its pods, and its patch lets the node
+// driver reach it.
+func TestMirrorComponent(t *testing.T) {
+	data, err := os.ReadFile("../../deploy/components/codemodules-mirror/mirror.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dep appsv1.Deployment
+	var svc corev1.Service
+	var pol networkingv1.NetworkPolicy
+	var sec corev1.Secret
+	for i, doc := range strings.Split(string(data), "\n---\n") {
+		var meta struct{ Kind string }
+		if err := yaml.Unmarshal([]byte(doc), &meta); err != nil {
+			t.Fatalf("doc %d: %v", i, err)
+		}
+		into := map[string]any{"Deployment": &dep, "Service": &svc, "NetworkPolicy": &pol, "Secret": &sec}[meta.Kind]
+		if into == nil {
+			t.Fatalf("doc %d: unexpected kind %q", i, meta.Kind)
+		}
+		if err := yaml.UnmarshalStrict([]byte(doc), into); err != nil {
+			t.Fatalf("doc %d (%s): %v", i, meta.Kind, err)
+		}
+	}
+	o := load(t)
+	node := o.daemonSets["node-daemonset"]
+	c := dep.Spec.Template.Spec.Containers[0]
+	if node == nil || c.Image != node.Spec.Template.Spec.Containers[0].Image {
+		t.Errorf("mirror image %q, want the driver's", c.Image)
+	}
+	flags := map[string]bool{"--upstream": true, "--pull-secret-file": true, "--dir": true, "--listen": true, "--ca-file": true, "--tag-ttl": true}
+	if len(c.Args) == 0 || c.Args[0] != "mirror" {
+		t.Fatalf("args %v, want the mirror command", c.Args)
+	}
+	for _, a := range c.Args[1:] {
+		if f, _, _ := strings.Cut(a, "="); !flags[f] {
+			t.Errorf("arg %q is not a flag of oneagent-csi mirror", a)
+		}
+	}
+	labels := dep.Spec.Template.Labels
+	for what, sel := range map[string]map[string]string{"Service": svc.Spec.Selector, "NetworkPolicy": pol.Spec.PodSelector.MatchLabels} {
+		for k, v := range sel {
+			if labels[k] != v {
+				t.Errorf("%s selects %s=%s, the pods have %v", what, k, v, labels)
+			}
+		}
+	}
+	if sc := c.SecurityContext; sc == nil || sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem ||
+		dep.Spec.Template.Spec.SecurityContext.RunAsNonRoot == nil || !*dep.Spec.Template.Spec.SecurityContext.RunAsNonRoot {
+		t.Error("the mirror must run as non-root with a read-only root filesystem")
+	}
+	if sec.Type != corev1.SecretTypeDockerConfigJson {
+		t.Errorf("pull secret type %s", sec.Type)
+	}
+	comp, err := os.ReadFile("../../deploy/components/codemodules-mirror/kustomization.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var k struct {
+		Kind      string
+		Resources []string
+		Patches   []struct {
+			Target struct{ Kind, Name string }
+			Patch  string
+		}
+	}
+	if err := yaml.Unmarshal(comp, &k); err != nil || k.Kind != "Component" || len(k.Patches) != 1 || !slices.Equal(k.Resources, []string{"mirror.yaml"}) {
+		t.Fatalf("component = %+v, %v", k, err)
+	}
+	if tg := k.Patches[0].Target; tg.Kind != "NetworkPolicy" || o.policies[tg.Name] == nil {
+		t.Fatalf("the component patches %s/%s, which the base does not have", tg.Kind, tg.Name)
+	}
+	var ops []struct {
+		Op, Path string
+		Value    networkingv1.NetworkPolicyEgressRule
+	}
+	if err := yaml.UnmarshalStrict([]byte(k.Patches[0].Patch), &ops); err != nil || len(ops) != 1 || len(ops[0].Value.To) != 1 {
+		t.Fatalf("patch: %+v, %v", ops, err)
+	}
+	for kk, v := range ops[0].Value.To[0].PodSelector.MatchLabels {
+		if labels[kk] != v {
+			t.Errorf("the node egress rule selects %s=%s, the mirror pods have %v", kk, v, labels)
+		}
+	}
+	if p := ops[0].Value.Ports; len(p) != 1 || p[0].Port.IntValue() != 5000 {
+		t.Errorf("the node egress rule allows %v, want 5000", p)
+	}
+}
