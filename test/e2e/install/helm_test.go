@@ -171,6 +171,8 @@ func TestHelmSchemaNamesTheBadValue(t *testing.T) {
 		{[]string{"--set", "nodes.replicas=2"}, "nodes"},
 		{[]string{"--set", "injector.config.initImage=x"}, "/injector/config/initImage"},
 		{[]string{"--set", "image.pullPolicy=Sometimes"}, "/image/pullPolicy"},
+		{[]string{"--set-json", `tenants=[{"name":"air","image":"Not A Ref"}]`}, "/tenants/0/image"},
+		{[]string{"--set-json", `tenants=[{"name":"air","image":"r.example.com/c:1","mirrors":["https://m/path"]}]`}, "/tenants/0/mirrors/0"},
 	} {
 		t.Run(strings.Join(tc.set, " "), func(t *testing.T) {
 			var stderr bytes.Buffer

@@ -25,10 +25,12 @@ imagePullSecrets: {{ toJson . }}
 {{- define "oneagent-csi.nodeConfig" -}}
 {{- $tenants := list }}
 {{- range .Values.tenants }}
-{{- $t := dict "name" .name "apiURL" .apiURL "tokenFile" (printf "/etc/oneagent-csi/tokens/%s" .name) "version" (.version | default "latest") }}
+{{- $t := dict "name" .name "version" (.version | default "latest") }}
+{{- if .apiURL }}{{ $_ := set $t "apiURL" .apiURL }}{{ $_ := set $t "tokenFile" (printf "/etc/oneagent-csi/tokens/%s" .name) }}{{ end }}
 {{- if .caPEM }}{{ $_ := set $t "caFile" (printf "/etc/oneagent-csi/tokens/%s-ca.pem" .name) }}{{ end }}
+{{- if .pullSecret }}{{ $_ := set $t "pullSecretFile" (printf "/etc/oneagent-csi/tokens/%s-pull.json" .name) }}{{ end }}
 {{- range $k, $v := . }}
-{{- if has $k (list "flavor" "proxy" "namespaces" "versionPins" "maxPinnedVersions" "allowWritable" "writableSize") }}{{ $_ := set $t $k $v }}{{ end }}
+{{- if has $k (list "flavor" "proxy" "namespaces" "versionPins" "maxPinnedVersions" "allowWritable" "writableSize" "image" "mirrors" "imagePath") }}{{ $_ := set $t $k $v }}{{ end }}
 {{- end }}
 {{- $tenants = append $tenants $t }}
 {{- end }}
