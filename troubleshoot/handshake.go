@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/portforward"
 	"k8s.io/client-go/transport/spdy"
+	"k8s.io/klog/v2"
 	"k8s.io/streaming/pkg/httpstream"
 )
 
@@ -75,11 +76,17 @@ func servedChain(ctx context.Context, cfg *rest.Config, ns, pod string, port int
 	}
 	defer func() {
 		stop()
-		<-done
+		if err := <-done; err != nil {
+			// The dial already reported what mattered to the check.
+			klog.V(4).InfoS("port-forward ended", "pod", ns+"/"+pod, "err", err)
+		}
 	}()
 	ports, err := pf.GetPorts()
-	if err != nil || len(ports) == 0 {
-		return nil, fmt.Errorf("port-forward to %s/%s: no local port: %v", ns, pod, err)
+	if err != nil {
+		return nil, fmt.Errorf("port-forward to %s/%s: %w", ns, pod, err)
+	}
+	if len(ports) == 0 {
+		return nil, fmt.Errorf("port-forward to %s/%s: no local port", ns, pod)
 	}
 	d := tls.Dialer{Config: &tls.Config{
 		ServerName: serverName,

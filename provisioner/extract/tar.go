@@ -149,7 +149,7 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 	dir, base := path.Split(name)
 	dir = strings.TrimSuffix(dir, "/")
 	if base == opaqueWhiteout || strings.HasPrefix(base, whiteoutPrefix) {
-		if h.Typeflag != tar.TypeReg && h.Typeflag != tar.TypeRegA {
+		if h.Typeflag != tar.TypeReg { // the reader reports old-style regular files as TypeReg
 			return badArchive("whiteout %s is not a regular file", name)
 		}
 		target := path.Join(dir, strings.TrimPrefix(base, whiteoutPrefix))
@@ -216,7 +216,7 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 		return nil
 	case tar.TypeLink:
 		return l.hardLink(rel, name, h.Linkname)
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg:
 		return l.file(tr, h, rel, name)
 	}
 	return badArchive("entry %s has unsupported type %s (devices, pipes and sockets are refused)", name, typeName(h.Typeflag))
@@ -479,7 +479,7 @@ func typeName(t byte) string {
 		return "symlink"
 	case tar.TypeLink:
 		return "hard link"
-	case tar.TypeReg, tar.TypeRegA:
+	case tar.TypeReg:
 		return "file"
 	}
 	return fmt.Sprintf("tar type %q", t)

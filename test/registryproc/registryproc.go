@@ -161,7 +161,7 @@ func (r *Registry) waitReady(timeout time.Duration) error {
 		}
 		select {
 		case <-r.done:
-			return fmt.Errorf("registry exited: %v", r.cmd.Wait())
+			return fmt.Errorf("registry exited: %w", r.cmd.Wait())
 		default:
 		}
 		if time.Now().After(deadline) {
