@@ -90,6 +90,54 @@ func (p *Provisioner) resolveImage(ctx context.Context, c *Client, pin string) (
 	return d, nil
 }
 
+// installedOrPreviousImage is installedOrNewest for an image tenant whose
+// tag moved: when the digest it now stands for is not installed but an
+// earlier image of the same reference is, that one is served while the new
+// one installs in the background (one install per node), so no volume
+// waits for a download while the module it had is on disk.
+func (p *Provisioner) installedOrPreviousImage(ctx context.Context, c *Client, digest string) string {
+	key := p.artifactKey(c, digest)
+	if _, err := p.cached(key); err == nil {
+		return digest
+	}
+	tenant := c.Tenant().Name
+	ref := p.images[tenant].Image()
+	arts, err := p.opts.Index.ListArtifacts()
+	if err != nil {
+		return digest
+	}
+	var prev storage.Artifact
+	for _, a := range arts {
+		if a.State != storage.ArtifactReady || a.Image != ref || a.Flavor != imageFlavor || a.Arch != key.Arch {
+			continue
+		}
+		if prev.ID == "" || a.InstalledAt.After(prev.InstalledAt) {
+			if _, err := p.cached(p.artifactKey(c, a.Version)); err == nil {
+				prev = a
+			}
+		}
+	}
+	if prev.ID == "" || p.refused.check(tenant, key, p.opts.Now()) != nil {
+		if prev.ID != "" {
+			return prev.Version
+		}
+		return digest // nothing to serve meanwhile: wait for it
+	}
+	if _, running := p.background.LoadOrStore(key.String(), struct{}{}); !running {
+		log := klog.FromContext(ctx).WithValues("tenant", tenant, "image", ref, "digest", digest)
+		log.Info("the image's tag moved: installing it in the background, volumes get the installed image meanwhile", "serving", prev.Version)
+		go func() {
+			defer p.background.Delete(key.String())
+			ictx, cancel := context.WithTimeout(klog.NewContext(context.Background(), log), p.opts.DownloadTimeout)
+			defer cancel()
+			if _, err := p.EnsureArtifact(ictx, tenant, digest); err != nil {
+				log.Error(err, "background install of the moved tag failed; volumes keep the installed image", "serving", prev.Version)
+			}
+		}()
+	}
+	return prev.Version
+}
+
 // imageError maps the registry package's sentinels to the provisioner's,
 // which the driver turns into gRPC codes.
 func imageError(err error) error {

@@ -21,6 +21,7 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
+	"github.com/oneagent-csi/oneagent-csi/test/harness"
 	"github.com/oneagent-csi/oneagent-csi/test/ocitest"
 )
 
@@ -268,4 +269,57 @@ func TestGCKeepsTheCurrentAndPreviousImages(t *testing.T) {
 	if !slices.Equal(kept, want) {
 		t.Fatalf("kept %v, want the current image and the one installed before it %v (not %s)", kept, want, digests[0])
 	}
+}
+
+// A tag that moves: volumes get the installed image at once while the new
+// one installs in the background, then the new one.
+func TestMovedTagServesTheInstalledImageMeanwhile(t *testing.T) {
+	var blocked atomic.Bool
+	release := make(chan struct{})
+	host := ocitest.Serve(t, func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if blocked.Load() && r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
+				<-release
+			}
+			next.ServeHTTP(w, r)
+		})
+	})
+	first := ocitest.Push(t, host, "current", ocitest.Module(t, "v1"))
+	layout, err := storage.NewLayout(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, _, err := storage.Open(storage.ReconcileOptions{Layout: layout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { idx.Close() })
+	clk := &clock{now: time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)}
+	p, err := provisioner.New(provisioner.Options{Layout: layout, Index: idx, Client: fastRetries, Now: clk.Now, LatestTTL: time.Minute,
+		Tenants: []provisioner.Tenant{{Name: "air", Image: host + "/" + ocitest.Repo + ":current"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if prep, err := p.Prepare(ctx, "air", ""); err != nil || prep.Version != first {
+		t.Fatalf("first: %+v, %v", prep.Version, err)
+	}
+	second := ocitest.Push(t, host, "current", ocitest.Module(t, "v2"))
+	blocked.Store(true)
+	clk.add(2 * time.Minute)
+	harness.Eventually(t, 10*time.Second, "the moved tag resolved", func() bool {
+		v, err := p.ResolveVersion(ctx, "air", "")
+		return err == nil && v == second
+	})
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	prep, err := p.Prepare(pctx, "air", "")
+	cancel()
+	if err != nil || prep.Version != first {
+		t.Fatalf("while the new image downloads: %s, %v; want the installed %s at once", prep.Version, err, first)
+	}
+	close(release)
+	harness.Eventually(t, 20*time.Second, "the new image served", func() bool {
+		prep, err := p.Prepare(ctx, "air", "")
+		return err == nil && prep.Version == second
+	})
 }

@@ -280,8 +280,12 @@ func (p *Provisioner) prepare(ctx context.Context, tenant, pin string, waitForLa
 	if err != nil {
 		return out, err
 	}
-	if c, _ := p.client(tenant); !waitForLatest && (pin == "" || pin == "latest") && c.Tenant().Version == "latest" && p.images[tenant] == nil {
-		v = p.installedOrNewest(ctx, c, v)
+	if c, _ := p.client(tenant); !waitForLatest && (pin == "" || pin == "latest") && c.Tenant().Version == "latest" {
+		if p.images[tenant] != nil {
+			v = p.installedOrPreviousImage(ctx, c, v)
+		} else {
+			v = p.installedOrNewest(ctx, c, v)
+		}
 	}
 	out.Version = v
 	// GC may delete the artifact between the index lookup and the lease
