@@ -7,8 +7,6 @@ package fleet
 
 import (
 	"crypto/rand"
-	"crypto/x509"
-	"encoding/base64"
 	"fmt"
 	"net"
 	"net/http"
@@ -21,10 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/authn"
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
@@ -64,25 +59,6 @@ func moduleImage(t *testing.T, version string, layerSize int) v1.Image {
 		layers = append(layers, static.NewLayer(ocitest.Gzip(t, ocitest.Tar(t, files)), types.OCILayer))
 	}
 	return ocitest.Image(t, layers...)
-}
-
-func push(t *testing.T, reg *registryproc.Registry, user, pass, tag string, img v1.Image) {
-	t.Helper()
-	ca, err := os.ReadFile(reg.CAFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(ca)
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig.RootCAs = pool
-	ref, err := name.NewTag(reg.Host + "/" + ocitest.Repo + ":" + tag)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img, remote.WithTransport(tr), remote.WithAuth(&authn.Basic{Username: user, Password: pass})); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // startMirror runs `oneagent-csi mirror` in front of upstream, on plain
@@ -139,10 +115,7 @@ func TestFleetInstallsThroughOneMirror(t *testing.T) {
 	upstream := registryproc.Start(t, registryproc.Options{Users: map[string]string{"puller": "s3cret"}})
 	dir := t.TempDir()
 	secret := filepath.Join(dir, ".dockerconfigjson")
-	auth := base64.StdEncoding.EncodeToString([]byte("puller:s3cret"))
-	if err := os.WriteFile(secret, fmt.Appendf(nil, `{"auths":{%q:{"auth":%q}}}`, upstream.Host, auth), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	registryproc.WritePullSecret(t, secret, upstream.Host, "puller", "s3cret")
 	ours := startMirror(t, upstream, secret)
 	proxy := registryproc.Start(t, registryproc.Options{Upstream: &registryproc.Upstream{
 		URL: "https://" + upstream.Host, Username: "puller", Password: "s3cret", CAFile: upstream.CAFile}})
@@ -214,13 +187,13 @@ func TestFleetInstallsThroughOneMirror(t *testing.T) {
 	}
 
 	// One node alone through our mirror, an image of its own.
-	push(t, upstream, "puller", "s3cret", "alone", moduleImage(t, "alone", layerSize))
+	upstream.Push(t, "puller", "s3cret", ocitest.Repo, "alone", moduleImage(t, "alone", layerSize))
 	aloneEnv := harness.NewProcessEnvFor(t, tenant("alone", ours), false)
 	alone := publish(aloneEnv, aloneEnv.Start(), "alone")
 
 	// The fleet through `oneagent-csi mirror`: a new image, all at once.
 	img := moduleImage(t, "fleet", layerSize)
-	push(t, upstream, "puller", "s3cret", "fleet", img)
+	upstream.Push(t, "puller", "s3cret", ocitest.Repo, "fleet", img)
 	viaOurs := fleet("fleet", ours)
 	served := upstream.BlobsServed()
 	for _, d := range layersOf(img) {
@@ -231,7 +204,7 @@ func TestFleetInstallsThroughOneMirror(t *testing.T) {
 
 	// The same through distribution's proxy mode, for comparison.
 	img2 := moduleImage(t, "proxy", layerSize)
-	push(t, upstream, "puller", "s3cret", "proxy", img2)
+	upstream.Push(t, "puller", "s3cret", ocitest.Repo, "proxy", img2)
 	viaProxy := fleet("proxy", proxy.Host)
 	served = upstream.BlobsServed()
 	worst := 0

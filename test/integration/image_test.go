@@ -1,10 +1,6 @@
 package integration
 
 import (
-	"crypto/x509"
-	"encoding/base64"
-	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,10 +8,6 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"github.com/google/go-containerregistry/pkg/authn"
-	"github.com/google/go-containerregistry/pkg/name"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -25,38 +17,6 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/test/registryproc"
 )
 
-// pushTo writes img to the real registry r as Repo:tag with user's
-// credentials, over TLS verified by r's CA, and returns its digest.
-func pushTo(t *testing.T, r *registryproc.Registry, user, pass, tag string, img v1.Image) string {
-	t.Helper()
-	ca, err := os.ReadFile(r.CAFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(ca)
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig.RootCAs = pool
-	ref, err := name.NewTag(r.Host + "/" + ocitest.Repo + ":" + tag)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img, remote.WithTransport(tr), remote.WithAuth(&authn.Basic{Username: user, Password: pass})); err != nil {
-		t.Fatalf("push to %s: %v", ref, err)
-	}
-	d, _ := img.Digest()
-	return d.String()
-}
-
-// pullSecret writes a .dockerconfigjson for host.
-func pullSecret(t *testing.T, path, host, user, pass string) {
-	t.Helper()
-	auth := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
-	if err := os.WriteFile(path, fmt.Appendf(nil, `{"auths":{%q:{"auth":%q}}}`, host, auth), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // A tenant whose code modules come from an image in a real registry (TLS,
 // htpasswd): publish mounts the module read-only, a wrong password is a
 // FailedPrecondition until retryTimeout and then fails open, and with the
@@ -64,9 +24,9 @@ func pullSecret(t *testing.T, path, host, user, pass string) {
 func TestPublishFromImage(t *testing.T) {
 	harness.RequireRoot(t)
 	reg := registryproc.Start(t, registryproc.Options{Users: map[string]string{"puller": "s3cret"}})
-	digest := pushTo(t, reg, "puller", "s3cret", "1.311.72", ocitest.Module(t, "1.311.72"))
+	digest := reg.Push(t, "puller", "s3cret", ocitest.Repo, "1.311.72", ocitest.Module(t, "1.311.72"))
 	secret := filepath.Join(t.TempDir(), ".dockerconfigjson")
-	pullSecret(t, secret, reg.Host, "puller", "s3cret")
+	registryproc.WritePullSecret(t, secret, reg.Host, "puller", "s3cret")
 	image := provisioner.Tenant{Name: "air", Image: reg.Host + "/" + ocitest.Repo + ":1.311.72", PullSecretFile: secret, CAFile: reg.CAFile}
 	n := harness.Start(t, harness.Config{Provisioner: func(o *provisioner.Options) { o.Tenants = []provisioner.Tenant{image} }})
 	ctx := harness.Ctx(t)
@@ -97,8 +57,8 @@ func TestPublishFromImage(t *testing.T) {
 	}
 
 	t.Run("wrong password", func(t *testing.T) {
-		pullSecret(t, secret, reg.Host, "puller", "wrong")
-		t.Cleanup(func() { pullSecret(t, secret, reg.Host, "puller", "s3cret") })
+		registryproc.WritePullSecret(t, secret, reg.Host, "puller", "wrong")
+		t.Cleanup(func() { registryproc.WritePullSecret(t, secret, reg.Host, "puller", "s3cret") })
 		target := harness.Target(n.TargetRoot, "wrong")
 		attrs := map[string]string{"dynakube": "air", "version": "1.999.0", "retryTimeout": "1s"}
 		_, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest("vol-wrong", target, attrs))
