@@ -34,6 +34,8 @@ var env struct {
 	tenant     *faketenant.Server
 	bin        string
 	nodeCfg    string
+	nodeConfig map[string]any // what nodeCfg holds
+	agentSO    []byte         // the agent library built from agentso/
 	node       *exec.Cmd
 	nodeLog    string
 	adminSock  string
@@ -89,6 +91,7 @@ func run(m *testing.M) int {
 	if err != nil {
 		return fail(err)
 	}
+	env.agentSO = soBytes
 	env.tenant, err = faketenant.Start(faketenant.Options{CacheDir: filepath.Join(work, "modules"),
 		ExtraFiles: map[string][]byte{api.AgentLibraryRelativePath: soBytes}})
 	if err != nil {
@@ -170,12 +173,8 @@ func startNode(ctx context.Context, work string) error {
 			map[string]any{"name": "team-b", "apiURL": env.tenant.URL, "tokenFile": tokenFile, "caFile": caFile,
 				"namespaces": []string{"team-b-*"}}},
 	}
-	data, err := yaml.Marshal(cfg)
-	if err != nil {
-		return err
-	}
 	env.nodeCfg = filepath.Join(work, "node.yaml")
-	if err := os.WriteFile(env.nodeCfg, data, 0o600); err != nil {
+	if err := writeNodeConfig(cfg); err != nil {
 		return err
 	}
 	if err := launchNode(); err != nil {
@@ -199,6 +198,17 @@ func startNode(ctx context.Context, work string) error {
 		}
 		return false
 	})
+}
+
+// writeNodeConfig writes cfg as the node's config file (read at the next
+// launchNode).
+func writeNodeConfig(cfg map[string]any) error {
+	data, err := yaml.Marshal(cfg)
+	if err != nil {
+		return err
+	}
+	env.nodeConfig = cfg
+	return os.WriteFile(env.nodeCfg, data, 0o600)
 }
 
 func launchNode() error {
