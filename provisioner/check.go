@@ -9,11 +9,14 @@ import (
 	"slices"
 	"sort"
 	"time"
+
+	"github.com/oneagent-csi/oneagent-csi/provisioner/registry"
 )
 
 // CheckStep is one call of a tenant check.
 type CheckStep struct {
-	// Name: dns, api (TLS, token, reachability), version.
+	// Name: dns, api (TLS, token, reachability), version; image (the
+	// registries answer for the tenant's image with the credentials).
 	Name string `json:"name"`
 	OK   bool   `json:"ok"`
 	// Detail says what was found or what failed.
@@ -27,7 +30,9 @@ type TenantCheck struct {
 	Tenant  string      `json:"tenant"`
 	APIURL  string      `json:"apiURL"`
 	Version string      `json:"version"`
-	Steps   []CheckStep `json:"steps"`
+	// Image is the tenant's image, when it has one.
+	Image string      `json:"image,omitempty"`
+	Steps []CheckStep `json:"steps"`
 }
 
 // OK reports whether every step passed.
@@ -68,7 +73,7 @@ func (p *Provisioner) checkTenant(ctx context.Context, c *Client) TenantCheck {
 	if version == "" {
 		version = "latest"
 	}
-	chk := TenantCheck{Tenant: t.Name, APIURL: t.APIURL, Version: version}
+	chk := TenantCheck{Tenant: t.Name, APIURL: t.APIURL, Version: version, Image: t.Image}
 	add := func(name string, err error, okDetail string) bool {
 		if err != nil {
 			chk.Steps = append(chk.Steps, CheckStep{Name: name, Detail: err.Error()})
@@ -76,6 +81,16 @@ func (p *Provisioner) checkTenant(ctx context.Context, c *Client) TenantCheck {
 		}
 		chk.Steps = append(chk.Steps, CheckStep{Name: name, OK: true, Detail: okDetail})
 		return true
+	}
+	if puller := p.images[t.Name]; puller != nil {
+		// Mirrors first, as a pull does; the resolution is not cached.
+		r, err := puller.Resolve(ctx, "")
+		if errors.Is(err, registry.ErrUnauthorized) {
+			err = fmt.Errorf("%w: check pullSecretFile (the registry's .dockerconfigjson)", err)
+		}
+		if !add("image", err, fmt.Sprintf("%s is %s for this node's platform (answered by %s)", puller.Image(), r.Digest, r.Host)) || !c.HasAPI() {
+			return chk
+		}
 	}
 	u, err := url.Parse(t.APIURL)
 	if err != nil {

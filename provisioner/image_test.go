@@ -323,3 +323,25 @@ func TestMovedTagServesTheInstalledImageMeanwhile(t *testing.T) {
 		return err == nil && prep.Version == second
 	})
 }
+
+func TestCheckImageTenant(t *testing.T) {
+	f := newImageFixture(t)
+	guarded := ocitest.Serve(t, func(http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+			w.WriteHeader(http.StatusUnauthorized)
+		})
+	})
+	p := f.provisioner(t, provisioner.Tenant{Name: "air", Image: f.image()},
+		provisioner.Tenant{Name: "locked", Image: guarded + "/" + ocitest.Repo + ":1"})
+	checks, err := p.CheckTenants(context.Background(), "", 10*time.Second)
+	if err != nil || len(checks) != 2 {
+		t.Fatalf("%+v, %v", checks, err)
+	}
+	if c := checks[0]; !c.OK() || c.Image != f.image() || len(c.Steps) != 1 || !strings.Contains(c.Steps[0].Detail, f.digest) {
+		t.Errorf("air: %+v", c)
+	}
+	if c := checks[1]; c.OK() || c.Steps[0].Name != "image" || !strings.Contains(c.Steps[0].Detail, "pullSecretFile") {
+		t.Errorf("locked: %+v", c)
+	}
+}
