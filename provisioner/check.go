@@ -27,9 +27,9 @@ type CheckStep struct {
 // driver makes: its host resolves, the API answers over TLS with the CAs
 // configured and accepts the token, and the configured version exists.
 type TenantCheck struct {
-	Tenant  string      `json:"tenant"`
-	APIURL  string      `json:"apiURL"`
-	Version string      `json:"version"`
+	Tenant  string `json:"tenant"`
+	APIURL  string `json:"apiURL"`
+	Version string `json:"version"`
 	// Image is the tenant's image, when it has one.
 	Image string      `json:"image,omitempty"`
 	Steps []CheckStep `json:"steps"`
