@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"maps"
 	"os"
 	"os/exec"
@@ -37,7 +38,7 @@ func restartNode(t *testing.T, edit func(cfg map[string]any)) {
 		if err := launchNode(); err != nil {
 			t.Fatal(err)
 		}
-		if err := cluster.Poll(t.Context(), 30*time.Second, "node plugin back", func() bool {
+		if err := cluster.Poll(context.Background(), 30*time.Second, "node plugin back", func() bool { // also from Cleanup, after t.Context ended
 			return exec.Command(env.bin, "cache", "ls", "--admin-socket", env.adminSock).Run() == nil
 		}); err != nil {
 			t.Fatal(err)
