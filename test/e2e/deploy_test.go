@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"encoding/json"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -16,11 +15,7 @@ const istioAPIVersion = "v1.31.4"
 
 // kubectlCmd runs the kubectl built with the cluster; its cache stays in
 // the cluster's dir.
-func kubectlCmd(args ...string) *exec.Cmd {
-	cmd := exec.Command(filepath.Join(env.k8sBin, "kubectl"), append([]string{"--kubeconfig", env.c.Kubeconfig}, args...)...)
-	cmd.Env = append(os.Environ(), "KUBECACHEDIR="+filepath.Join(env.c.Dir, "kubectl-cache"))
-	return cmd
-}
+func kubectlCmd(args ...string) *exec.Cmd { return env.c.KubectlCmd(args...) }
 
 func kubectl(t *testing.T, args ...string) string {
 	t.Helper()

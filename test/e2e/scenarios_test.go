@@ -63,34 +63,6 @@ func deletePod(ctx context.Context, t *testing.T, ns, name string) {
 	}
 }
 
-func mountOptions(target string) (string, bool) {
-	data, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 5 && f[4] == target {
-			return f[5], true
-		}
-	}
-	return "", false
-}
-
-// containerPID finds the host pid of a container's first process.
-func containerPID(t *testing.T, containerID string) string {
-	t.Helper()
-	id := strings.TrimPrefix(containerID, "containerd://")
-	out, err := exec.Command("ctr", "-a", env.c.ContainerdSocket, "-n", "k8s.io", "tasks", "ls").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(out), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
-			return f[1]
-		}
-	}
-	t.Fatalf("no task for container %s in\n%s", id, out)
-	return ""
-}
-
 // TestInjectedPodRunsWithTheAgent is the main path: a pod in a labelled
 // namespace is mutated by the real API server's call to the injector, the
 // kubelet publishes the volume through the node driver, the app's
@@ -357,3 +329,15 @@ func TestNamespaceOutsideATenantsListFailsOpen(t *testing.T) {
 	}
 	deletePod(ctx, t, "team-a-shop", running.Name)
 }
+
+// containerPID finds the host pid of a container's first process.
+func containerPID(t *testing.T, containerID string) string {
+	t.Helper()
+	pid, err := env.c.ContainerPID(containerID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pid
+}
+
+var mountOptions = cluster.MountOptions

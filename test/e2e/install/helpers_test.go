@@ -4,9 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -27,9 +25,7 @@ func tlsPair(certFile, keyFile string) (*tls.Certificate, error) {
 // kubectl runs the kubectl built with the cluster, as a user would.
 func kubectl(t *testing.T, args ...string) string {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(env.k8sBin, "kubectl"), append([]string{"--kubeconfig", env.c.Kubeconfig}, args...)...)
-	cmd.Env = append(os.Environ(), "KUBECACHEDIR="+filepath.Join(env.c.Dir, "kubectl-cache"))
-	out, err := cmd.CombinedOutput()
+	out, err := env.c.KubectlCmd(args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
@@ -247,44 +243,17 @@ func checkAgentLoaded(ctx context.Context, t *testing.T, pod *corev1.Pod, contai
 	}
 }
 
-// containerPID is the host pid of a container's first process.
+// containerPID finds the host pid of a container's first process.
 func containerPID(t *testing.T, containerID string) string {
 	t.Helper()
-	id := strings.TrimPrefix(containerID, "containerd://")
-	out, err := exec.Command("ctr", "-a", env.c.ContainerdSocket, "-n", "k8s.io", "tasks", "ls").Output()
+	pid, err := env.c.ContainerPID(containerID)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(out), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
-			return f[1]
-		}
-	}
-	t.Fatalf("no task for container %q", id)
-	return ""
+	return pid
 }
 
-// mountOptions returns the per-mount options of target from the host's
-// mountinfo.
-func mountOptions(target string) (string, bool) {
-	data, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 5 && f[4] == target {
-			return f[5], true
-		}
-	}
-	return "", false
-}
-
-// mountsBelow lists the host's mount points at or below dir.
-func mountsBelow(dir string) []string {
-	data, _ := os.ReadFile("/proc/self/mountinfo")
-	var out []string
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
-			out = append(out, f[4])
-		}
-	}
-	sort.Strings(out)
-	return out
-}
+var (
+	mountOptions = cluster.MountOptions
+	mountsBelow  = cluster.MountsBelow
+)
