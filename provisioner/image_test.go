@@ -100,6 +100,16 @@ func TestImageTenantServesTheModuleFromItsImage(t *testing.T) {
 	if got := tmpEntries(t, f.layout); len(got) != 0 {
 		t.Errorf("tmp/ not clean: %v", got)
 	}
+	// `cache verify` works the same as for ZIP artifacts.
+	if r, err := storage.Verify(afs(f.layout), f.layout, prep.Artifact.ID); err != nil || !r.OK() || r.Files != 3 {
+		t.Fatalf("verify: %+v, %v", r, err)
+	}
+	if err := os.WriteFile(filepath.Join(tree, "manifest.json"), []byte("changed"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := storage.Verify(afs(f.layout), f.layout, prep.Artifact.ID); r.OK() {
+		t.Fatal("verify did not notice a changed file")
+	}
 	// A second tenant with the same image: one artifact, no second pull.
 	pulled := f.blobs.Load()
 	prep2, err := p.Prepare(ctx, "gap", "")
