@@ -195,14 +195,20 @@ func (p *Provisioner) installImageOnce(ctx context.Context, c *Client, key stora
 		pulled = countingTree{tree: layers}
 		return &pulled, err
 	})
-	if err != nil {
-		p.metrics.imagePulls.WithLabelValues(failureCause(imageError(err))).Inc()
-		return storage.Artifact{}, fmt.Errorf("tenant %q image %s@%s: %w", t.Name, puller.Image(), key.Version, imageError(err))
+	var ex extract.Result
+	if err == nil {
+		ex, err = layers.Finish()
 	}
-	ex, err := layers.Finish()
 	if err != nil {
-		p.metrics.imagePulls.WithLabelValues("bad_archive").Inc()
-		return storage.Artifact{}, fmt.Errorf("tenant %q image %s@%s: %w", t.Name, puller.Image(), key.Version, err)
+		err = fmt.Errorf("tenant %q image %s@%s: %w", t.Name, puller.Image(), key.Version, imageError(err))
+		p.metrics.imagePulls.WithLabelValues(failureCause(err)).Inc()
+		if errors.Is(err, ErrBadArchive) {
+			// The digest names the content: pulling it again brings the
+			// same refusal, so it waits like a refused ZIP.
+			until := p.refused.remember(t.Name, key, id, err, p.opts.Now(), p.opts.RefusalBackoff)
+			log.Error(err, "image refused; it is not pulled again before", "until", until.Format(time.RFC3339))
+		}
+		return storage.Artifact{}, err
 	}
 	p.metrics.imagePulls.WithLabelValues("ok").Inc()
 	p.metrics.downloadBytes.Add(float64(pulled.bytes))

@@ -178,6 +178,11 @@ func TestImageFailures(t *testing.T) {
 		if arts, _ := f.idx.ListArtifacts(); len(arts) != 0 {
 			t.Errorf("artifacts recorded: %+v", arts)
 		}
+		// Remembered: the next publish is refused without pulling again.
+		pulled := f.blobs.Load()
+		if _, err := p.Prepare(context.Background(), "air", ""); !errors.Is(err, provisioner.ErrBadArchive) || f.blobs.Load() != pulled {
+			t.Errorf("second prepare: %v, blob GETs %d -> %d; want the refusal remembered", err, pulled, f.blobs.Load())
+		}
 	})
 	t.Run("registry down with the module cached", func(t *testing.T) {
 		f := newImageFixture(t)
