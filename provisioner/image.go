@@ -73,6 +73,9 @@ func (p *Provisioner) resolveImage(ctx context.Context, c *Client, pin string) (
 		}
 		if prev, _, _ := p.latest.peek(key); prev != r.Digest {
 			klog.FromContext(ctx).Info("image resolved", "tenant", tenant, "image", puller.Image(), "tag", pin, "digest", r.Digest, "previous", prev, "registry", r.Host)
+			if pin == "" && prev != "" {
+				p.previousImage.Store(tenant, prev)
+			}
 			if pin == "" {
 				if err := p.opts.Index.PutResolution(storage.Resolution{Tenant: tenant, Version: r.Digest, ResolvedAt: p.opts.Now()}); err != nil {
 					klog.FromContext(ctx).Error(err, "recording image resolution", "tenant", tenant)
@@ -91,51 +94,40 @@ func (p *Provisioner) resolveImage(ctx context.Context, c *Client, pin string) (
 }
 
 // installedOrPreviousImage is installedOrNewest for an image tenant whose
-// tag moved: when the digest it now stands for is not installed but an
-// earlier image of the same reference is, that one is served while the new
-// one installs in the background (one install per node), so no volume
-// waits for a download while the module it had is on disk.
+// tag moved: when the digest it now stands for is not installed but the
+// one it stood for before is, that one is served while the new one installs
+// in the background (one install per node), so no volume waits for a
+// download while the module it had is on disk.
 func (p *Provisioner) installedOrPreviousImage(ctx context.Context, c *Client, digest string) string {
 	key := p.artifactKey(c, digest)
 	if _, err := p.cached(key); err == nil {
 		return digest
 	}
 	tenant := c.Tenant().Name
-	ref := p.images[tenant].Image()
-	arts, err := p.opts.Index.ListArtifacts()
-	if err != nil {
-		return digest
-	}
-	var prev storage.Artifact
-	for _, a := range arts {
-		if a.State != storage.ArtifactReady || a.Image != ref || a.Flavor != imageFlavor || a.Arch != key.Arch {
-			continue
-		}
-		if prev.ID == "" || a.InstalledAt.After(prev.InstalledAt) {
-			if _, err := p.cached(p.artifactKey(c, a.Version)); err == nil {
-				prev = a
-			}
-		}
-	}
-	if prev.ID == "" || p.refused.check(tenant, key, p.opts.Now()) != nil {
-		if prev.ID != "" {
-			return prev.Version
-		}
+	v, ok := p.previousImage.Load(tenant)
+	if !ok {
 		return digest // nothing to serve meanwhile: wait for it
 	}
+	prev := v.(string)
+	if _, err := p.cached(p.artifactKey(c, prev)); err != nil {
+		return digest
+	}
+	if p.refused.check(tenant, key, p.opts.Now()) != nil {
+		return prev // the new image was refused: keep serving the old one
+	}
 	if _, running := p.background.LoadOrStore(key.String(), struct{}{}); !running {
-		log := klog.FromContext(ctx).WithValues("tenant", tenant, "image", ref, "digest", digest)
-		log.Info("the image's tag moved: installing it in the background, volumes get the installed image meanwhile", "serving", prev.Version)
+		log := klog.FromContext(ctx).WithValues("tenant", tenant, "image", p.images[tenant].Image(), "digest", digest)
+		log.Info("the image's tag moved: installing it in the background, volumes get the installed image meanwhile", "serving", prev)
 		go func() {
 			defer p.background.Delete(key.String())
 			ictx, cancel := context.WithTimeout(klog.NewContext(context.Background(), log), p.opts.DownloadTimeout)
 			defer cancel()
 			if _, err := p.EnsureArtifact(ictx, tenant, digest); err != nil {
-				log.Error(err, "background install of the moved tag failed; volumes keep the installed image", "serving", prev.Version)
+				log.Error(err, "background install of the moved tag failed; volumes keep the installed image", "serving", prev)
 			}
 		}()
 	}
-	return prev.Version
+	return prev
 }
 
 // imageError maps the registry package's sentinels to the provisioner's,
@@ -214,7 +206,7 @@ func (p *Provisioner) installImageOnce(ctx context.Context, c *Client, key stora
 	p.metrics.downloadBytes.Add(float64(pulled.bytes))
 	now := p.opts.Now()
 	a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: pulled.bytes,
-		Size: ex.Size, Files: ex.Files, State: storage.ArtifactReady, InstalledAt: now, LastUsed: now, Image: puller.Image()}
+		Size: ex.Size, Files: ex.Files, State: storage.ArtifactReady, InstalledAt: now, LastUsed: now, Image: puller.Repository()}
 	if err := p.commitArtifact(stages[len(stages)-1], a, key, ex.Entries); err != nil {
 		return storage.Artifact{}, err
 	}

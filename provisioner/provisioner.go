@@ -151,6 +151,9 @@ type Provisioner struct {
 	refused refusals
 	// images are the registry sources of tenants with an image.
 	images map[string]*registry.Puller
+	// previousImage holds, per image tenant, the digest its tag stood for
+	// before the last change (served while the new one installs).
+	previousImage sync.Map
 	// background holds the artifact keys installing in the background.
 	background sync.Map
 

@@ -30,7 +30,7 @@ type ArtifactInfo struct {
 	State       string    `json:"state"`
 	InstalledAt time.Time `json:"installedAt"`
 	LastUsed    time.Time `json:"lastUsed"`
-	// Image is the reference of an image artifact (Version is then its
+	// Image is the repository of an image artifact (Version is then its
 	// manifest digest).
 	Image string `json:"image,omitempty"`
 }

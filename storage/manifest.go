@@ -27,7 +27,7 @@ type ManifestHeader struct {
 	Size        int64     `json:"size"`
 	Files       int       `json:"files"`
 	InstalledAt time.Time `json:"installedAt"`
-	// Image is the reference an image artifact was pulled as (its
+	// Image is the repository an image artifact was pulled from (its
 	// Version is then the manifest digest); empty for ZIP artifacts.
 	Image string `json:"image,omitempty"`
 }

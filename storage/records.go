@@ -26,7 +26,7 @@ type Artifact struct {
 	State       ArtifactState `json:"state"`
 	InstalledAt time.Time     `json:"installedAt"`
 	LastUsed    time.Time     `json:"lastUsed"`
-	// Image is the reference an image artifact was pulled as; its
+	// Image is the repository an image artifact was pulled from; its
 	// Version is the manifest digest. Empty for ZIP artifacts.
 	Image string `json:"image,omitempty"`
 }

@@ -114,6 +114,9 @@ func New(src Source) (*Puller, error) {
 // Image is the configured reference, normalised.
 func (p *Puller) Image() string { return p.ref.Name() }
 
+// Repository is the configured image's repository (no tag or digest).
+func (p *Puller) Repository() string { return p.ref.Context().Name() }
+
 // refs are the references to try for ref, mirrors first.
 func (p *Puller) refs(ref name.Reference) []name.Reference {
 	var out []name.Reference
