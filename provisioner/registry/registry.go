@@ -86,9 +86,20 @@ func New(src Source) (*Puller, error) {
 	if src.Arch == "" {
 		return nil, errors.New("arch: required")
 	}
+	t, err := Transport(src.CAFile, src.Proxy)
+	if err != nil {
+		return nil, err
+	}
+	return &Puller{src: src, ref: ref, transport: t}, nil
+}
+
+// Transport is the HTTP transport to registries: the system roots plus
+// the PEM certificates in caFile (if set), through proxy (if set; else
+// HTTPS_PROXY/NO_PROXY).
+func Transport(caFile, proxy string) (*http.Transport, error) {
 	t := http.DefaultTransport.(*http.Transport).Clone()
-	if src.CAFile != "" {
-		pem, err := os.ReadFile(src.CAFile)
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
 		if err != nil {
 			return nil, fmt.Errorf("caFile: %w", err)
 		}
@@ -97,18 +108,18 @@ func New(src Source) (*Puller, error) {
 			pool = x509.NewCertPool()
 		}
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("caFile %s: no PEM certificate in it", src.CAFile)
+			return nil, fmt.Errorf("caFile %s: no PEM certificate in it", caFile)
 		}
 		t.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
-	if src.Proxy != "" {
-		u, err := url.Parse(src.Proxy)
+	if proxy != "" {
+		u, err := url.Parse(proxy)
 		if err != nil || u.Host == "" {
-			return nil, fmt.Errorf("proxy %q: not a URL", src.Proxy)
+			return nil, fmt.Errorf("proxy %q: not a URL", proxy)
 		}
 		t.Proxy = http.ProxyURL(u)
 	}
-	return &Puller{src: src, ref: ref, transport: t}, nil
+	return t, nil
 }
 
 // Image is the configured reference, normalised.
