@@ -36,6 +36,8 @@ type plannedEntry struct {
 	name  string // cleaned, slash-separated, relative
 	kind  string // file | dir | symlink
 	link  string
+	// offset is where the entry's local header starts (streaming only).
+	offset int64
 }
 
 // Zip unpacks the ZIP at zipPath into destDir (both on fsys, destDir must
@@ -75,28 +77,24 @@ func Zip(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts Optio
 	if err != nil {
 		return out, badArchive("%v", err)
 	}
-	plan, err := planExtraction(zr, st.Size(), limits)
+	plan, err := planEntries(zr.File, st.Size(), limits)
 	if err != nil {
 		return out, err
 	}
-	if err := fsys.Mkdir(destDir, 0o755); err != nil {
+	for i := range plan {
+		if plan[i].kind == "symlink" {
+			if plan[i].link, err = readLink(plan[i].f); err != nil {
+				return out, err
+			}
+		}
+	}
+	if err := checkLinks(plan); err != nil {
 		return out, err
 	}
 	entries := make([]storage.ManifestEntry, len(plan))
-	var files []int
-	for i, p := range plan {
-		switch p.kind {
-		case "dir":
-			if err := fsys.MkdirAll(filepath.Join(destDir, filepath.FromSlash(p.name)), 0o755); err != nil {
-				return out, err
-			}
-			entries[i] = storage.ManifestEntry{Path: p.name, Type: "dir", Mode: 0o755}
-		case "file":
-			if err := fsys.MkdirAll(filepath.Join(destDir, filepath.FromSlash(path.Dir(p.name))), 0o755); err != nil {
-				return out, err
-			}
-			files = append(files, i)
-		}
+	files, err := makeDirs(fsys, destDir, plan, entries)
+	if err != nil {
+		return out, err
 	}
 	sort.Slice(files, func(a, b int) bool { return plan[files[a]].order < plan[files[b]].order })
 
@@ -122,7 +120,11 @@ func Zip(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts Optio
 			x := newFileExtractor(fsys, destDir, &total, limits.MaxBytes, closer, diskio.WriteBehindChunk(pageCache))
 			for i := range work {
 				p := plan[i]
-				e, err := x.extract(gctx, p)
+				raw, err := p.f.OpenRaw()
+				if err != nil {
+					return badArchive("entry %s: %v", p.name, err)
+				}
+				e, err := x.extract(gctx, p, raw)
 				if err != nil {
 					return err
 				}
@@ -143,34 +145,69 @@ func Zip(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts Optio
 	if err != nil {
 		return out, err
 	}
+	if err := makeSymlinks(fsys, destDir, plan, entries); err != nil {
+		return out, err
+	}
+	out.Entries, out.Size, out.Files = entries, total.Load(), len(files)
+	return out, nil
+}
+
+// makeDirs creates destDir, the plan's directories and the parents of its
+// files, fills in the directories' manifest entries and returns the indexes
+// of the files in plan.
+func makeDirs(fsys afero.Fs, destDir string, plan []plannedEntry, entries []storage.ManifestEntry) ([]int, error) {
+	if err := fsys.Mkdir(destDir, 0o755); err != nil {
+		return nil, err
+	}
+	var files []int
+	for i, p := range plan {
+		switch p.kind {
+		case "dir":
+			if err := fsys.MkdirAll(filepath.Join(destDir, filepath.FromSlash(p.name)), 0o755); err != nil {
+				return nil, err
+			}
+			entries[i] = storage.ManifestEntry{Path: p.name, Type: "dir", Mode: 0o755}
+		case "file":
+			if err := fsys.MkdirAll(filepath.Join(destDir, filepath.FromSlash(path.Dir(p.name))), 0o755); err != nil {
+				return nil, err
+			}
+			files = append(files, i)
+		}
+	}
+	return files, nil
+}
+
+// makeSymlinks creates the plan's links, after every file: no file is
+// ever written through one.
+func makeSymlinks(fsys afero.Fs, destDir string, plan []plannedEntry, entries []storage.ManifestEntry) error {
 	for i, p := range plan {
 		if p.kind != "symlink" {
 			continue
 		}
 		dst := filepath.Join(destDir, filepath.FromSlash(p.name))
 		if err := fsys.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return out, err
+			return err
 		}
 		if err := symlink(fsys, p.link, dst); err != nil {
-			return out, fmt.Errorf("extract %s: %w", p.name, err)
+			return fmt.Errorf("extract %s: %w", p.name, err)
 		}
 		entries[i] = storage.ManifestEntry{Path: p.name, Type: "symlink", Link: p.link}
 	}
-	out.Entries, out.Size, out.Files = entries, total.Load(), len(files)
-	return out, nil
+	return nil
 }
 
-// planExtraction validates every entry and returns the entries to create,
-// sorted by path.
-func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntry, error) {
-	if len(zr.File) > limits.MaxEntries {
-		return nil, badArchive("%d entries exceed the limit of %d", len(zr.File), limits.MaxEntries)
+// planEntries validates every entry as the central directory declares it
+// and returns the entries to create, sorted by path. Link targets are part
+// of an entry's data: the caller reads them and checks them with
+// checkLinks before any link is created.
+func planEntries(zfiles []*zip.File, zipSize int64, limits Limits) ([]plannedEntry, error) {
+	if len(zfiles) > limits.MaxEntries {
+		return nil, badArchive("%d entries exceed the limit of %d", len(zfiles), limits.MaxEntries)
 	}
 	var declared uint64
-	plan := make([]plannedEntry, 0, len(zr.File))
-	seen := make(map[string]string, len(zr.File))
-	links := map[string]string{}
-	for order, f := range zr.File {
+	plan := make([]plannedEntry, 0, len(zfiles))
+	seen := make(map[string]string, len(zfiles))
+	for order, f := range zfiles {
 		name, err := cleanEntryName(f.Name)
 		if err != nil {
 			return nil, err
@@ -188,15 +225,9 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 			p.kind = "dir"
 		case mode&fs.ModeSymlink != 0:
 			p.kind = "symlink"
-			target, err := readLink(f)
-			if err != nil {
-				return nil, err
+			if f.UncompressedSize64 > maxLinkTarget || f.CompressedSize64 > maxLinkTarget+64 {
+				return nil, badArchive("symlink %s target is %d bytes", name, f.UncompressedSize64)
 			}
-			if path.IsAbs(target) || strings.Contains(target, "\\") || strings.ContainsRune(target, 0) {
-				return nil, badArchive("symlink %s -> %s points outside the artifact", name, shortName(target))
-			}
-			p.link = target
-			links[name] = target
 		case mode.IsRegular():
 			p.kind = "file"
 			if f.Method != zip.Store && f.Method != zip.Deflate {
@@ -233,35 +264,54 @@ func planExtraction(zr *zip.Reader, zipSize int64, limits Limits) ([]plannedEntr
 			}
 		}
 	}
-	// Every link must stay inside the tree when followed the way the kernel
-	// follows it: through the other links of the archive, component by
-	// component (l -> . then esc -> l/.. leaves the tree, though "l/.."
-	// cleans to ".").
-	for name, target := range links {
-		hops := 0
-		if _, ok := resolveInTree(links, splitPath(path.Dir(name)), target, &hops); !ok {
-			return nil, badArchive("symlink %s -> %s points outside the artifact (through the archive's other links)", name, shortName(target))
-		}
-	}
 	sort.Slice(plan, func(i, j int) bool { return plan[i].name < plan[j].name })
 	return plan, nil
 }
 
-func readLink(f *zip.File) (string, error) {
-	if f.UncompressedSize64 > 4096 {
-		return "", badArchive("symlink %s target is %d bytes", f.Name, f.UncompressedSize64)
+// checkLinks checks the targets of the plan's links: relative, and inside
+// the tree when followed the way the kernel follows them: through the other
+// links of the archive, component by component (l -> . then esc -> l/..
+// leaves the tree, though "l/.." cleans to ".").
+func checkLinks(plan []plannedEntry) error {
+	links := map[string]string{}
+	for _, p := range plan {
+		if p.kind != "symlink" {
+			continue
+		}
+		if p.link == "" || path.IsAbs(p.link) || strings.Contains(p.link, "\\") || strings.ContainsRune(p.link, 0) {
+			return badArchive("symlink %s -> %s points outside the artifact", p.name, shortName(p.link))
+		}
+		links[p.name] = p.link
 	}
+	for name, target := range links {
+		hops := 0
+		if _, ok := resolveInTree(links, splitPath(path.Dir(name)), target, &hops); !ok {
+			return badArchive("symlink %s -> %s points outside the artifact (through the archive's other links)", name, shortName(target))
+		}
+	}
+	return nil
+}
+
+// maxLinkTarget is the longest link target accepted (PATH_MAX).
+const maxLinkTarget = 4096
+
+func readLink(f *zip.File) (string, error) {
 	r, err := f.Open()
 	if err != nil {
 		return "", badArchive("symlink %s: %v", f.Name, err)
 	}
 	defer r.Close()
-	b, err := io.ReadAll(io.LimitReader(r, 4097))
+	return readLinkTarget(f.Name, r)
+}
+
+// readLinkTarget reads a link's target from its (decompressed) data.
+func readLinkTarget(name string, r io.Reader) (string, error) {
+	b, err := io.ReadAll(io.LimitReader(r, maxLinkTarget+1))
 	if err != nil {
-		return "", badArchive("symlink %s: %v", f.Name, err)
+		return "", badArchive("symlink %s: %v", shortName(name), err)
 	}
-	if len(b) == 0 || len(b) > 4096 {
-		return "", badArchive("symlink %s has an empty or too long target", f.Name)
+	if len(b) == 0 || len(b) > maxLinkTarget {
+		return "", badArchive("symlink %s has an empty or too long target", shortName(name))
 	}
 	return string(b), nil
 }
@@ -306,17 +356,13 @@ func newFileExtractor(fsys afero.Fs, destDir string, total *atomic.Int64, maxByt
 
 // extract writes one regular file, checking its size and CRC-32 against the
 // central directory, and returns its manifest entry.
-func (x *fileExtractor) extract(ctx context.Context, p plannedEntry) (storage.ManifestEntry, error) {
+func (x *fileExtractor) extract(ctx context.Context, p plannedEntry, raw io.Reader) (storage.ManifestEntry, error) {
 	if err := ctx.Err(); err != nil {
 		return storage.ManifestEntry{}, err
 	}
 	perm := os.FileMode(0o644)
 	if p.f.Mode()&0o111 != 0 {
 		perm = 0o755
-	}
-	raw, err := p.f.OpenRaw()
-	if err != nil {
-		return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
 	}
 	x.in.Reset(raw)
 	var src io.Reader = x.in
@@ -347,8 +393,9 @@ func (x *fileExtractor) extract(ctx context.Context, p plannedEntry) (storage.Ma
 	x.out.Reset(nil)
 	cerr := x.closer.Add(w)
 	var pathErr *fs.PathError
+	var srcErr *sourceError
 	switch {
-	case errors.Is(err, ErrBadArchive):
+	case errors.Is(err, ErrBadArchive), errors.As(err, &srcErr):
 		return storage.ManifestEntry{}, err
 	case errors.As(err, &pathErr):
 		// Writing the file or reading the ZIP from disk failed: not the

@@ -59,12 +59,51 @@ type nopWriteCloser struct{ io.Writer }
 
 func (nopWriteCloser) Close() error { return nil }
 
+// zipModes are the two ways a ZIP is extracted: from a file on disk, and
+// while it downloads (its central directory fetched first).
+var zipModes = []struct {
+	name    string
+	extract func(t *testing.T, fsys afero.Fs, data []byte, limits extract.Limits) (extract.Result, error)
+}{
+	{"file", extractBytes},
+	{"stream", streamBytes},
+}
+
 func extractBytes(t *testing.T, fsys afero.Fs, data []byte, limits extract.Limits) (extract.Result, error) {
 	t.Helper()
 	if err := afero.WriteFile(fsys, "in.zip", data, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return extract.Zip(context.Background(), fsys, "in.zip", "out", extract.Options{Limits: limits, Workers: 2})
+}
+
+// tailOf is the last n bytes of data, as a range request returns them.
+func tailOf(data []byte, n int) extract.ZipTail {
+	n = min(n, len(data))
+	return extract.ZipTail{Data: data[len(data)-n:], Offset: int64(len(data) - n), Size: int64(len(data))}
+}
+
+// fetchTail fetches the tail the way the provisioner does: the end
+// records first, then as far back as the central directory starts.
+func fetchTail(data []byte, limits extract.Limits) (extract.ZipTail, error) {
+	tail := tailOf(data, extract.ZipTailProbe)
+	start, err := extract.ZipTailStart(tail, limits)
+	if err != nil {
+		return tail, err
+	}
+	if start < tail.Offset {
+		tail = tailOf(data, len(data)-int(start))
+	}
+	return tail, nil
+}
+
+func streamBytes(t *testing.T, fsys afero.Fs, data []byte, limits extract.Limits) (extract.Result, error) {
+	t.Helper()
+	tail, err := fetchTail(data, limits)
+	if err != nil {
+		return extract.Result{}, err
+	}
+	return extract.ZipStream(context.Background(), fsys, "out", tail, bytes.NewReader(data), extract.Options{Limits: limits, Workers: 2})
 }
 
 func TestExtractRejectsUnsafeArchives(t *testing.T) {
@@ -114,25 +153,44 @@ func TestExtractRejectsUnsafeArchives(t *testing.T) {
 		{"component too long", []zipEntry{{name: "agent/" + strings.Repeat("n", 300), data: []byte("x")}}, extract.Limits{}, "longer than 255"},
 		{"name too long", []zipEntry{{name: strings.Repeat("d/", 5000) + "f", data: []byte("x")}}, extract.Limits{}, "longer than 2048"},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
-			_, err := extractBytes(t, fsys, makeZip(t, tc.entries...), tc.limits)
-			if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("err = %v, want bad archive mentioning %q", err, tc.want)
-			}
-			if len(err.Error()) > 300 {
-				t.Errorf("error message is %d bytes; a hostile name must not make it long", len(err.Error()))
-			}
-			if _, err := fsys.Stat("out"); !errors.Is(err, fs.ErrNotExist) {
-				t.Errorf("out/ was created for an archive refused before extraction")
-			}
-		})
+	for _, mode := range zipModes {
+		for _, tc := range tests {
+			t.Run(mode.name+"/"+tc.name, func(t *testing.T) {
+				fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
+				_, err := mode.extract(t, fsys, makeZip(t, tc.entries...), tc.limits)
+				if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), tc.want) {
+					t.Fatalf("err = %v, want bad archive mentioning %q", err, tc.want)
+				}
+				if len(err.Error()) > 300 {
+					t.Errorf("error message is %d bytes; a hostile name must not make it long", len(err.Error()))
+				}
+				// While streaming, link targets arrive as data: a bad one is
+				// refused after the files are written (into a dir the caller
+				// removes), never after a link was created.
+				linkTarget := mode.name == "stream" && strings.Contains(tc.want, "outside")
+				if _, err := fsys.Stat("out"); !linkTarget && !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("out/ was created for an archive refused before extraction")
+				}
+				if linkTarget {
+					for _, e := range tc.entries {
+						if _, _, err := fsys.(afero.Lstater).LstatIfPossible(filepath.Join("out", e.name)); err == nil && e.mode&os.ModeSymlink != 0 {
+							t.Errorf("link %s was created", e.name)
+						}
+					}
+				}
+			})
+		}
 	}
 }
 
 // Links that stay inside the tree, also through other links, are kept.
 func TestExtractKeepsLinksInsideTheTree(t *testing.T) {
+	for _, mode := range zipModes {
+		t.Run(mode.name, func(t *testing.T) { testKeepsLinksInsideTheTree(t, mode.extract) })
+	}
+}
+
+func testKeepsLinksInsideTheTree(t *testing.T, extractBytes func(*testing.T, afero.Fs, []byte, extract.Limits) (extract.Result, error)) {
 	fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
 	_, err := extractBytes(t, fsys, makeZip(t,
 		zipEntry{name: "agent/lib64/liboneagentproc.so", data: []byte("elf")},
@@ -167,19 +225,27 @@ func TestExtractDetectsCorruption(t *testing.T) {
 		// and the name.
 		{"deflated", zip.Deflate, func(data []byte) int { return 30 + len("agent/lib64/lib.so") + 2 }},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			data := makeZip(t, zipEntry{name: "agent/lib64/lib.so", data: content, method: tc.method})
-			data[tc.flip(data)] ^= 0xff
-			root := t.TempDir()
-			_, err := extractBytes(t, afero.NewBasePathFs(afero.NewOsFs(), root), data, extract.Limits{})
-			if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), "agent/lib64/lib.so") {
-				t.Fatalf("err = %v, want a bad archive error naming the entry", err)
-			}
-		})
+		for _, mode := range zipModes {
+			t.Run(mode.name+"/"+tc.name, func(t *testing.T) {
+				data := makeZip(t, zipEntry{name: "agent/lib64/lib.so", data: content, method: tc.method})
+				data[tc.flip(data)] ^= 0xff
+				root := t.TempDir()
+				_, err := mode.extract(t, afero.NewBasePathFs(afero.NewOsFs(), root), data, extract.Limits{})
+				if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), "agent/lib64/lib.so") {
+					t.Fatalf("err = %v, want a bad archive error naming the entry", err)
+				}
+			})
+		}
 	}
 }
 
 func TestExtractSyntheticModule(t *testing.T) {
+	for _, mode := range zipModes {
+		t.Run(mode.name, func(t *testing.T) { testSyntheticModule(t, mode.extract) })
+	}
+}
+
+func testSyntheticModule(t *testing.T, extractBytes func(*testing.T, afero.Fs, []byte, extract.Limits) (extract.Result, error)) {
 	var buf bytes.Buffer
 	if err := faketenant.WriteModule(&buf, faketenant.ModuleSpec{Version: "1.311.72.20250410-123003", Size: 512 << 10}); err != nil {
 		t.Fatal(err)

@@ -23,6 +23,7 @@ const (
 type zipDirectory struct {
 	entries uint64
 	size    uint64 // bytes of the central directory
+	offset  uint64 // where the central directory starts
 }
 
 // readZipDirectory reads the end-of-central-directory record (and its ZIP64
@@ -52,7 +53,8 @@ func readZipDirectory(r io.ReaderAt, size int64) (zipDirectory, error) {
 	rec := buf[at:]
 	d.entries = uint64(binary.LittleEndian.Uint16(rec[10:]))
 	d.size = uint64(binary.LittleEndian.Uint32(rec[12:]))
-	if d.entries != 0xffff && d.size != 0xffffffff && binary.LittleEndian.Uint32(rec[16:]) != 0xffffffff {
+	d.offset = uint64(binary.LittleEndian.Uint32(rec[16:]))
+	if d.entries != 0xffff && d.size != 0xffffffff && d.offset != 0xffffffff {
 		return d, nil
 	}
 	// ZIP64: the locator sits right before the record.
@@ -80,6 +82,7 @@ func readZipDirectory(r io.ReaderAt, size int64) (zipDirectory, error) {
 	}
 	d.entries = binary.LittleEndian.Uint64(rec64[32:])
 	d.size = binary.LittleEndian.Uint64(rec64[40:])
+	d.offset = binary.LittleEndian.Uint64(rec64[48:])
 	return d, nil
 }
 
