@@ -222,6 +222,12 @@ func (c *Client) token() (string, error) {
 // network errors with exponential backoff and full jitter (honouring
 // Retry-After); 401, 403, 404 and other 4xx are returned at once.
 func (c *Client) do(ctx context.Context, route string, query url.Values) (*http.Response, error) {
+	return c.doRange(ctx, route, query, "")
+}
+
+// doRange is do with a Range header (none when byteRange is empty): a 206
+// answer is returned like a 200, and 416 as errRangeRefused.
+func (c *Client) doRange(ctx context.Context, route string, query url.Values, byteRange string) (*http.Response, error) {
 	if c.base == nil {
 		return nil, fmt.Errorf("tenant %q: GET %s: %w: the tenant has no apiURL (code modules come from its image)", c.tenant.Name, route, ErrNotFound)
 	}
@@ -240,6 +246,9 @@ func (c *Client) do(ctx context.Context, route string, query url.Values) (*http.
 		}
 		req.Header.Set("Authorization", "Api-Token "+tok)
 		req.Header.Set("User-Agent", c.opts.UserAgent)
+		if byteRange != "" {
+			req.Header.Set("Range", byteRange)
+		}
 		resp, err := c.http.Do(req)
 		var wait time.Duration
 		switch {
@@ -249,8 +258,11 @@ func (c *Client) do(ctx context.Context, route string, query url.Values) (*http.
 			}
 			//nolint:errorlint // the cause is text only: callers classify by ErrUnavailable, not by net or context errors
 			lastErr = fmt.Errorf("tenant %q: GET %s: %w: %v", c.tenant.Name, route, ErrUnavailable, err)
-		case resp.StatusCode == http.StatusOK:
+		case resp.StatusCode == http.StatusOK, resp.StatusCode == http.StatusPartialContent && byteRange != "":
 			return resp, nil
+		case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && byteRange != "":
+			_ = resp.Body.Close()
+			return nil, fmt.Errorf("tenant %q: GET %s: %w", c.tenant.Name, route, errRangeRefused)
 		default:
 			apiErr := &APIError{Tenant: c.tenant.Name, Route: route, Status: resp.StatusCode, Body: readSnippet(resp.Body)}
 			_ = resp.Body.Close()
@@ -399,6 +411,34 @@ func (c *Client) ConnectionInfo(ctx context.Context) (ConnectionInfo, error) {
 // caller retries a body that breaks off. A body that delivers no bytes for
 // IdleTimeout fails with an error wrapping ErrUnavailable.
 func (c *Client) OpenAgentZip(ctx context.Context, version, flavor, arch string) (io.ReadCloser, int64, error) {
+	part, err := c.OpenAgentZipRange(ctx, version, flavor, arch, "")
+	return part.Body, part.Size, err
+}
+
+// ZipPart is an answer to a code module download.
+type ZipPart struct {
+	// Body is the answer's body; the caller closes it.
+	Body io.ReadCloser
+	// Partial is true when the tenant answered the range asked for (206);
+	// false when it sent the whole archive (200).
+	Partial bool
+	// Start is the archive offset of Body's first byte (0 unless Partial).
+	Start int64
+	// Length is Body's length, -1 when unknown.
+	Length int64
+	// Size is the whole archive's size, -1 when unknown.
+	Size int64
+}
+
+// errRangeRefused: the tenant answered 416 to a range request.
+var errRangeRefused = errors.New("range not satisfiable")
+
+// OpenAgentZipRange starts the download of a code module ZIP, of the byte
+// range byteRange (an HTTP Range value, e.g. "bytes=-131072"; the whole
+// archive when empty). A tenant may ignore the range and send the whole
+// archive: ZipPart.Partial says which. Retries and the idle timeout are
+// OpenAgentZip's.
+func (c *Client) OpenAgentZipRange(ctx context.Context, version, flavor, arch, byteRange string) (ZipPart, error) {
 	ctx, cancel := context.WithCancelCause(ctx)
 	q := url.Values{}
 	q.Set("flavor", flavor)
@@ -406,12 +446,24 @@ func (c *Client) OpenAgentZip(ctx context.Context, version, flavor, arch string)
 	q.Set("bitness", "64")
 	q.Set("include", "all")
 	q.Set("skipMetadata", "true")
-	resp, err := c.do(ctx, RouteVersionPrefix+url.PathEscape(version), q) //nolint:bodyclose // the caller closes it through idleBody
+	resp, err := c.doRange(ctx, RouteVersionPrefix+url.PathEscape(version), q, byteRange) //nolint:bodyclose // the caller closes it through idleBody
 	if err != nil {
 		cancel(nil)
-		return nil, 0, err
+		return ZipPart{}, err
 	}
-	return newIdleBody(ctx, cancel, resp.Body, c.opts.IdleTimeout, c.tenant.Name), resp.ContentLength, nil
+	part := ZipPart{Body: newIdleBody(ctx, cancel, resp.Body, c.opts.IdleTimeout, c.tenant.Name), Length: resp.ContentLength, Size: resp.ContentLength}
+	if resp.StatusCode == http.StatusPartialContent {
+		part.Partial = true
+		var last int64
+		if _, err := fmt.Sscanf(resp.Header.Get("Content-Range"), "bytes %d-%d/%d", &part.Start, &last, &part.Size); err != nil ||
+			part.Start < 0 || last < part.Start || last >= part.Size {
+			_ = part.Body.Close()
+			return ZipPart{}, fmt.Errorf("tenant %q version %s: partial answer with Content-Range %q: %w",
+				c.tenant.Name, version, resp.Header.Get("Content-Range"), errRangeRefused)
+		}
+		part.Length = last - part.Start + 1
+	}
+	return part, nil
 }
 
 // errIdle is the cause of a download aborted for silence.

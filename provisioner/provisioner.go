@@ -3,14 +3,9 @@ package provisioner
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
-	"io"
-	"os"
-	"path/filepath"
 	"runtime"
 	"sort"
 	"sync"
@@ -546,124 +541,6 @@ func randomName(prefix string) string {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	return prefix + hex.EncodeToString(b[:])
-}
-
-// installOnce downloads the ZIP into tmp/, extracts it next to it into
-// <stage>/tree, writes the manifest beside the tree, makes all of it durable
-// and renames the stage into artifacts/<sha256 of the ZIP>. Whatever fails,
-// tmp/ is left clean.
-func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.ArtifactKey) (storage.Artifact, error) {
-	l, fs := p.opts.Layout, p.opts.Fs
-	log := klog.FromContext(ctx)
-	base := randomName("install-")
-	zipPath, stagePath := l.TmpEntry(base+".zip"), l.TmpEntry(base+".d")
-	defer func() {
-		_ = fs.Remove(zipPath)
-		_ = fs.RemoveAll(stagePath)
-	}()
-
-	dlStart := p.opts.Now()
-	zipSize, digest, err := p.download(ctx, c, key, zipPath)
-	if err != nil {
-		return storage.Artifact{}, err
-	}
-	dlTime := p.opts.Now().Sub(dlStart)
-	id := hex.EncodeToString(digest)
-	p.metrics.downloadBytes.Add(float64(zipSize))
-	if err := p.refused.sameArchive(c.Tenant().Name, key, id, p.opts.Now(), p.opts.RefusalBackoff); err != nil {
-		return storage.Artifact{}, err
-	}
-
-	if h, err := storage.ReadManifestHeader(fs, l.ArtifactManifest(id)); err == nil && h.ArtifactID == id {
-		// Same ZIP already installed under another key (e.g. another flavor alias).
-		a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: zipSize,
-			Size: h.Size, Files: h.Files, State: storage.ArtifactReady, InstalledAt: h.InstalledAt, LastUsed: p.opts.Now()}
-		return a, p.opts.Index.PutArtifact(a, key)
-	}
-
-	exStart := p.opts.Now()
-	if err := fs.Mkdir(stagePath, 0o755); err != nil {
-		return storage.Artifact{}, err
-	}
-	ex, err := extract.Zip(ctx, fs, zipPath, filepath.Join(stagePath, l.TreeName()),
-		extract.Options{Limits: p.opts.Limits, Workers: p.opts.ExtractWorkers, PageCache: p.opts.PageCache})
-	if err != nil {
-		err = fmt.Errorf("tenant %q version %s: %w", c.Tenant().Name, key.Version, err)
-		if errors.Is(err, ErrBadArchive) {
-			until := p.refused.remember(c.Tenant().Name, key, id, err, p.opts.Now(), p.opts.RefusalBackoff)
-			log.Error(err, "archive refused; the version is not downloaded again before", "until", until.Format(time.RFC3339), "sha256", id)
-		}
-		return storage.Artifact{}, err
-	}
-	_ = fs.Remove(zipPath) // free the space before the tree is renamed in
-	now := p.opts.Now()
-	a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: zipSize,
-		Size: ex.Size, Files: ex.Files, State: storage.ArtifactReady, InstalledAt: now, LastUsed: now}
-	if err := p.commitArtifact(stagePath, a, key, ex.Entries); err != nil {
-		return storage.Artifact{}, err
-	}
-	log.Info("installed code module", "artifact", id, "zipBytes", zipSize, "files", ex.Files, "bytes", ex.Size,
-		"download", dlTime.Round(time.Millisecond), "extract", now.Sub(exStart).Round(time.Millisecond))
-	return a, nil
-}
-
-// download streams the ZIP into path, hashing it on the way, and logs
-// progress every 5 seconds.
-func (p *Provisioner) download(ctx context.Context, c *Client, key storage.ArtifactKey, path string) (int64, []byte, error) {
-	body, total, err := c.OpenAgentZip(ctx, key.Version, key.Flavor, key.Arch)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer body.Close()
-	f, err := p.opts.Fs.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return 0, nil, err
-	}
-	w := diskio.NewWriteBehind(f, diskio.WriteBehindChunk(p.opts.PageCache))
-	h := sha256.New()
-	pr := &progressReader{r: body, total: total, log: klog.FromContext(ctx), start: time.Now(), last: time.Now(), h: h}
-	n, err := io.CopyBuffer(w, pr, make([]byte, 256<<10))
-	if cerr := w.Close(); err == nil && cerr != nil {
-		return n, nil, cerr
-	}
-	if err != nil {
-		if ctx.Err() != nil {
-			return n, nil, fmt.Errorf("tenant %q version %s: download: %w", c.Tenant().Name, key.Version, ctx.Err())
-		}
-		//nolint:errorlint // classified by ErrUnavailable only; the cause is text
-		return n, nil, fmt.Errorf("tenant %q version %s: download broke off after %d bytes: %w: %v", c.Tenant().Name, key.Version, n, ErrUnavailable, err)
-	}
-	if total >= 0 && n != total {
-		// A broken transfer, not a bad archive: retried at once.
-		return n, nil, fmt.Errorf("tenant %q version %s: download has %d of %d bytes: %w", c.Tenant().Name, key.Version, n, total, ErrUnavailable)
-	}
-	return n, h.Sum(nil), nil
-}
-
-type progressReader struct {
-	r     io.Reader
-	h     hash.Hash
-	total int64
-	n     int64
-	log   klog.Logger
-	start time.Time
-	last  time.Time
-}
-
-func (pr *progressReader) Read(b []byte) (int, error) {
-	n, err := pr.r.Read(b)
-	pr.h.Write(b[:n])
-	pr.n += int64(n)
-	if now := time.Now(); now.Sub(pr.last) >= 5*time.Second {
-		pr.last = now
-		rate := float64(pr.n) / now.Sub(pr.start).Seconds() / (1 << 20)
-		kv := []any{"bytes", pr.n, "rateMiBps", fmt.Sprintf("%.1f", rate)}
-		if pr.total > 0 {
-			kv = append(kv, "total", pr.total, "percent", fmt.Sprintf("%.0f", 100*float64(pr.n)/float64(pr.total)))
-		}
-		pr.log.Info("downloading code module", kv...)
-	}
-	return n, err
 }
 
 // EnsureHostDir creates the host-mode storage of tenant and returns its

@@ -28,7 +28,12 @@ type fixture struct {
 
 func newFixture(t *testing.T, mutate func(*provisioner.Options)) *fixture {
 	t.Helper()
-	srv, tenant := startTenant(t, faketenant.Options{})
+	return newFixtureWith(t, faketenant.Options{}, mutate)
+}
+
+func newFixtureWith(t *testing.T, tenantOpts faketenant.Options, mutate func(*provisioner.Options)) *fixture {
+	t.Helper()
+	srv, tenant := startTenant(t, tenantOpts)
 	layout, err := storage.NewLayout(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -189,14 +194,29 @@ func TestInstallRetriesBrokenDownloads(t *testing.T) {
 
 // A refused archive is remembered: later calls do not download it again
 // until the backoff passes, it counts once as bad_archive, the same bytes
-// downloaded again are not extracted again, and good bytes are installed.
+// downloaded again are refused as before (not counted again), and good bytes
+// (with the same central directory) are installed; streamed or downloaded
+// first.
 func TestRefusedArchiveIsRemembered(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// noRange: the tenant ignores range requests (download, then extract).
+		noRange bool
+	}{
+		{"streamed", false},
+		{"downloaded", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testRefusedArchiveIsRemembered(t, tc.noRange) })
+	}
+}
+
+func testRefusedArchiveIsRemembered(t *testing.T, noRange bool) {
 	reg := prometheus.NewRegistry()
 	now := time.Unix(1_800_000_000, 0)
 	var mu sync.Mutex
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
-	f := newFixture(t, func(o *provisioner.Options) { o.Registerer = reg; o.Now = clock })
+	f := newFixtureWith(t, faketenant.Options{NoRange: noRange}, func(o *provisioner.Options) { o.Registerer = reg; o.Now = clock })
 	f.srv.SetFaults(faketenant.Fault{Kind: faketenant.FaultCorrupt, Route: faketenant.RouteDownload})
 	version := f.srv.Latest()
 	badArchives := func() float64 {
@@ -299,7 +319,7 @@ func TestPermanentErrorsSurface(t *testing.T) {
 	if !errors.Is(err, provisioner.ErrNotFound) || !strings.Contains(err.Error(), `"prod"`) {
 		t.Fatalf("unknown version: err = %v", err)
 	}
-	if n := f.srv.Requests(faketenant.RouteDownload); n != 1 {
+	if n := f.srv.Requests(faketenant.RouteDownload) + f.srv.Requests(faketenant.RouteDownloadRange); n != 1 {
 		t.Errorf("a 404 was retried: %d requests", n)
 	}
 	f.srv.SetToken("other")

@@ -26,6 +26,10 @@ import (
 // records whatever its comment: the first range to fetch.
 const ZipTailProbe = 128 << 10
 
+// MaxStreamedDirectory bounds the central directory held in memory while a
+// ZIP streams. A code module of 15,000 files has one of about 2 MiB.
+const MaxStreamedDirectory = 32 << 20
+
 // ZipTail is the end of a ZIP archive, fetched ahead of the archive (an
 // HTTP range request), so that every entry is checked against the central
 // directory before the first byte of data arrives.
@@ -69,16 +73,23 @@ func ZipTailStart(t ZipTail, limits Limits) (int64, error) {
 	if d.offset > uint64(t.Size) || d.size > uint64(t.Size)-d.offset {
 		return 0, badArchive("central directory at %d (%d bytes) lies outside the archive of %d bytes", d.offset, d.size, t.Size)
 	}
+	if d.size > MaxStreamedDirectory {
+		return 0, badArchive("central directory of %d bytes is larger than the %d bytes held in memory while streaming", d.size, MaxStreamedDirectory)
+	}
 	return int64(d.offset), nil
 }
 
-// sourceError is a failure to read the archive from its source (a broken
-// or stalled download): not the archive's fault, so it is returned as it is
-// rather than as ErrBadArchive.
+// ErrSource: reading the archive from its source failed (a download that
+// broke off, stalled or brought other bytes than before). Not the archive's
+// fault: a retry may succeed.
+var ErrSource = errors.New("reading the archive failed")
+
+// sourceError is a failure to read the archive from its source: returned
+// as it is (wrapping ErrSource) rather than as ErrBadArchive.
 type sourceError struct{ err error }
 
-func (e *sourceError) Error() string { return e.err.Error() }
-func (e *sourceError) Unwrap() error { return e.err }
+func (e *sourceError) Error() string   { return e.err.Error() }
+func (e *sourceError) Unwrap() []error { return []error{ErrSource, e.err} }
 
 // sourceReader tags the errors of the archive's source and counts its bytes.
 type sourceReader struct {
@@ -135,22 +146,7 @@ func ZipStream(ctx context.Context, fsys afero.Fs, destDir string, tail ZipTail,
 		pageCache = diskio.DefaultPageCache
 	}
 	var out Result
-	dirStart, err := ZipTailStart(tail, limits)
-	if err != nil {
-		return out, err
-	}
-	if dirStart < tail.Offset {
-		return out, fmt.Errorf("the fetched end of the archive starts at %d, after its central directory at %d", tail.Offset, dirStart)
-	}
-	zr, err := zip.NewReader(tail, tail.Size)
-	if err != nil {
-		return out, badArchive("%v", err)
-	}
-	offsets, err := headerOffsets(tail, dirStart, len(zr.File))
-	if err != nil {
-		return out, err
-	}
-	plan, err := planEntries(zr.File, tail.Size, limits)
+	plan, dirStart, err := planStream(tail, limits)
 	if err != nil {
 		return out, err
 	}
@@ -161,7 +157,6 @@ func ZipStream(ctx context.Context, fsys afero.Fs, destDir string, tail ZipTail,
 	}
 	stream := make([]int, len(plan))
 	for i := range plan {
-		plan[i].offset = offsets[plan[i].order]
 		stream[i] = i
 	}
 	sort.Slice(stream, func(a, b int) bool { return plan[stream[a]].offset < plan[stream[b]].offset })
@@ -230,6 +225,44 @@ func ZipStream(ctx context.Context, fsys afero.Fs, destDir string, tail ZipTail,
 	}
 	out.Entries, out.Size, out.Files = entries, total.Load(), len(files)
 	return out, nil
+}
+
+// CheckZipTail checks every entry of the central directory in tail the way
+// ZipStream does before it reads any data: an error wrapping ErrBadArchive
+// is a verdict on the directory alone, the same for every archive with
+// these bytes at its end.
+func CheckZipTail(tail ZipTail, limits Limits) error {
+	limits.Defaults()
+	_, _, err := planStream(tail, limits)
+	return err
+}
+
+// planStream checks the central directory in tail and returns the plan
+// with every entry's local header offset, and where the directory starts.
+func planStream(tail ZipTail, limits Limits) ([]plannedEntry, int64, error) {
+	dirStart, err := ZipTailStart(tail, limits)
+	if err != nil {
+		return nil, 0, err
+	}
+	if dirStart < tail.Offset {
+		return nil, 0, fmt.Errorf("the fetched end of the archive starts at %d, after its central directory at %d", tail.Offset, dirStart)
+	}
+	zr, err := zip.NewReader(tail, tail.Size)
+	if err != nil {
+		return nil, 0, badArchive("%v", err)
+	}
+	offsets, err := headerOffsets(tail, dirStart, len(zr.File))
+	if err != nil {
+		return nil, 0, err
+	}
+	plan, err := planEntries(zr.File, tail.Size, limits)
+	if err != nil {
+		return nil, 0, err
+	}
+	for i := range plan {
+		plan[i].offset = offsets[plan[i].order]
+	}
+	return plan, dirStart, nil
 }
 
 // streamReader walks the archive front to back.
@@ -383,12 +416,12 @@ func (r *streamReader) rest() error {
 		if !bytes.Equal(buf[:n], r.tail.Data[off:off+n]) {
 			// Not the archive's fault: the tenant served other bytes than
 			// at the first request; a retry fetches both again.
-			return fmt.Errorf("the archive changed between fetching its central directory and its data (at offset %d)", r.tail.Offset+int64(off))
+			return &sourceError{fmt.Errorf("the archive changed between fetching its central directory and its data (at offset %d)", r.tail.Offset+int64(off))}
 		}
 		off += n
 	}
 	if n, _ := r.br.Read(buf[:1]); n > 0 {
-		return fmt.Errorf("the archive is longer than the %d bytes its first answer declared", r.tail.Size)
+		return &sourceError{fmt.Errorf("the archive is longer than the %d bytes its first answer declared", r.tail.Size)}
 	}
 	return nil
 }

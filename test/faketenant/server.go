@@ -19,6 +19,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -33,6 +34,10 @@ const (
 	RouteDownload   = "download"
 	RouteConfig     = "processmoduleconfig"
 	RouteConnection = "connectioninfo"
+	// RouteDownloadRange is a download asking for a byte range (the end of
+	// the ZIP, its central directory): counted and faulted apart from
+	// whole downloads.
+	RouteDownloadRange = "download-range"
 )
 
 // FaultKind is a way to misbehave.
@@ -92,6 +97,9 @@ type Options struct {
 	Certificate *tls.Certificate
 	// Latency is added to every answer.
 	Latency time.Duration
+	// NoRange ignores Range headers and answers every download with the
+	// whole ZIP (200), like a tenant behind a proxy that strips them.
+	NoRange bool
 }
 
 // DefaultVersions are offered when Options.Versions is empty.
@@ -329,6 +337,9 @@ func (s *Server) takeFault(route string) *Fault {
 
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	route, arg := routeOf(r.URL.Path)
+	if route == RouteDownload && r.Header.Get("Range") != "" && !s.opts.NoRange {
+		route = RouteDownloadRange
+	}
 	if route == "" || r.Method != http.MethodGet {
 		http.Error(w, `{"error":{"code":404,"message":"not found"}}`, http.StatusNotFound)
 		return
@@ -386,7 +397,31 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 			"communicationEndpoints": []string{s.srv.URL + "/communication"}})
 	case RouteDownload:
 		s.serveDownload(w, r, arg, versions, fault)
+	case RouteDownloadRange:
+		s.serveRange(w, r, arg, versions)
 	}
+}
+
+// serveRange answers a range of a version's ZIP (http.ServeContent's
+// handling of Range, If-Range and 416).
+func (s *Server) serveRange(w http.ResponseWriter, r *http.Request, version string, versions []string) {
+	if !slices.Contains(versions, version) {
+		http.Error(w, `{"error":{"code":404,"message":"version not found"}}`, http.StatusNotFound)
+		return
+	}
+	p, err := s.ModulePath(version)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	defer f.Close()
+	w.Header().Set("Content-Type", "application/zip")
+	http.ServeContent(w, r, "", time.Time{}, f)
 }
 
 func (s *Server) serveDownload(w http.ResponseWriter, r *http.Request, version string, versions []string, fault *Fault) {

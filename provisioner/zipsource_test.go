@@ -1,0 +1,148 @@
+package provisioner_test
+
+import (
+	"archive/zip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
+)
+
+// The artifact is the same whether the ZIP streams (the tenant answers
+// range requests) or is downloaded first (it does not): its id is the
+// SHA-256 of the whole ZIP, and tmp/ ends clean.
+func TestZipInstallStreamedOrDownloaded(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		noRange bool
+	}{
+		{"streamed", false},
+		{"downloaded", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixtureWith(t, faketenant.Options{NoRange: tc.noRange, ModuleSize: 2 << 20}, nil)
+			version := f.srv.Latest()
+			a, err := f.prov.EnsureArtifact(context.Background(), "prod", version)
+			if err != nil {
+				t.Fatal(err)
+			}
+			zipPath, err := f.srv.ModulePath(version)
+			if err != nil {
+				t.Fatal(err)
+			}
+			data, err := os.ReadFile(zipPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sum := sha256.Sum256(data)
+			if a.ID != hex.EncodeToString(sum[:]) || a.ZipSize != int64(len(data)) {
+				t.Errorf("artifact %s (%d bytes), want the ZIP's sha256 %x (%d bytes)", a.ID, a.ZipSize, sum, len(data))
+			}
+			if n := f.srv.Downloads(version); n != 1 {
+				t.Errorf("%d whole downloads, want 1", n)
+			}
+			if got := tmpEntries(t, f.layout); len(got) != 0 {
+				t.Errorf("tmp/ not clean: %v", got)
+			}
+			if _, err := os.Stat(filepath.Join(f.layout.Abs(f.layout.Artifact(a.ID)), f.layout.TreeName(), "agent/lib64/liboneagentproc.so")); err != nil {
+				t.Errorf("the tree lacks the agent: %v", err)
+			}
+		})
+	}
+}
+
+// While a ZIP streams, tmp/ holds the stage being extracted and never a
+// copy of the ZIP: the disk holds the extracted tree only.
+func TestZipStreamKeepsNoCompressedCopy(t *testing.T) {
+	f := newFixtureWith(t, faketenant.Options{ModuleSize: 1 << 20}, nil)
+	f.srv.SetFaults(faketenant.Fault{Kind: faketenant.FaultSlow, Route: faketenant.RouteDownload, Rate: 2 << 20})
+	version := f.srv.Latest()
+	done := make(chan error, 1)
+	go func() {
+		_, err := f.prov.EnsureArtifact(context.Background(), "prod", version)
+		done <- err
+	}()
+	sawStage := false
+	for {
+		for _, name := range tmpEntries(t, f.layout) {
+			if strings.HasSuffix(name, ".zip") {
+				t.Fatalf("tmp/ holds %s while the ZIP streams", name)
+			}
+			sawStage = sawStage || strings.HasSuffix(name, ".d")
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !sawStage {
+				t.Error("never saw the stage in tmp/: did the install stream?")
+			}
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// A central directory the rules refuse is refused from the end of the ZIP
+// alone: its data is never downloaded, also not after the backoff.
+func TestZipDirectoryRefusedBeforeTheData(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { return now }
+	f := newFixtureWith(t, faketenant.Options{}, func(o *provisioner.Options) { o.Registerer = reg; o.Now = clock })
+	zipPath := filepath.Join(t.TempDir(), "evil.zip")
+	writeZip(t, zipPath, map[string]string{"agent/../../etc/cron.d/evil": "x"})
+	version := f.srv.Latest()
+	f.srv.ServeModuleFile(version, zipPath)
+	for i := range 2 {
+		_, err := f.prov.EnsureArtifact(context.Background(), "prod", version)
+		if !errors.Is(err, provisioner.ErrBadArchive) || !strings.Contains(err.Error(), "climbs out") {
+			t.Fatalf("attempt %d: err = %v, want a bad archive", i, err)
+		}
+		now = now.Add(time.Hour) // past the backoff
+	}
+	if n := f.srv.Requests(faketenant.RouteDownload); n != 0 {
+		t.Errorf("the refused archive's data was requested %d times", n)
+	}
+	if got := metricValue(t, reg, "oneagent_csi_downloads_total", "result", "bad_archive"); got != 1 {
+		t.Errorf("bad_archive counted %v times, want 1", got)
+	}
+	if got := tmpEntries(t, f.layout); len(got) != 0 {
+		t.Errorf("tmp/ not clean: %v", got)
+	}
+}
+
+func writeZip(t *testing.T, path string, files map[string]string) {
+	t.Helper()
+	out, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zw := zip.NewWriter(out)
+	for name, data := range files {
+		w, err := zw.Create(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Write([]byte(data)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
