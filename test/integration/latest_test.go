@@ -57,7 +57,9 @@ func TestMovingLatestNeverStallsPods(t *testing.T) {
 			t.Fatalf("served %s before the new latest was installed, want %s", v, old)
 		}
 		unpublish("probe", target)
-		return n.Tenant.Requests(faketenant.RouteDownload) >= 2
+		// The first install took a range request (its central directory)
+		// and a download; the new latest's starts with a range request.
+		return n.Tenant.Requests(faketenant.RouteDownloadRange) >= 2
 	})
 
 	const pods = 50
