@@ -32,6 +32,7 @@ import (
 // tenant answers range requests, downloaded first otherwise. Whatever
 // fails, tmp/ is left clean.
 func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.ArtifactKey) (storage.Artifact, error) {
+	start := p.opts.Now()
 	tail, whole, err := p.fetchZipTail(ctx, c, key)
 	if err != nil {
 		return storage.Artifact{}, err
@@ -39,7 +40,7 @@ func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.Ar
 	if whole.Body != nil {
 		return p.installDownloaded(ctx, c, key, whole)
 	}
-	return p.installStreamed(ctx, c, key, tail)
+	return p.installStreamed(ctx, c, key, tail, start)
 }
 
 // fetchZipTail fetches the end of key's ZIP, as far back as its central
@@ -105,8 +106,9 @@ func readPart(part ZipPart) ([]byte, error) {
 }
 
 // installStreamed downloads key's ZIP once and extracts it on the way into
-// a stage in tmp/, checked against tail, then installs the stage.
-func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storage.ArtifactKey, tail extract.ZipTail) (storage.Artifact, error) {
+// a stage in tmp/, checked against tail, then installs the stage. start is
+// when the install began (for the log).
+func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storage.ArtifactKey, tail extract.ZipTail, start time.Time) (storage.Artifact, error) {
 	l, fs := p.opts.Layout, p.opts.Fs
 	log := klog.FromContext(ctx)
 	tenant := c.Tenant().Name
@@ -132,7 +134,6 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 	stagePath := l.TmpEntry(randomName("install-") + ".d")
 	defer func() { _ = fs.RemoveAll(stagePath) }()
 
-	start := p.opts.Now()
 	part, err := c.OpenAgentZipRange(ctx, key.Version, key.Flavor, key.Arch, "")
 	if err != nil {
 		return storage.Artifact{}, err
