@@ -43,7 +43,7 @@ func BenchmarkInstallWhileDownloading(b *testing.B) {
 			b.Skipf("%s not installed", tool)
 		}
 	}
-	cache := b.TempDir()
+	cache := sharedDir(b, "modules")
 	streaming, streamTenant := harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: cache})
 	_, seqTenant := harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: cache, NoRange: true})
 	zipPath, err := streaming.ModulePath(streaming.Latest())
@@ -51,7 +51,7 @@ func BenchmarkInstallWhileDownloading(b *testing.B) {
 		b.Fatal(err)
 	}
 	work := b.TempDir()
-	tgz := moduleTarGz(b, zipPath, work)
+	tgz := moduleTarGz(b, zipPath)
 
 	// The same tree as an image: one gzip layer, pushed once.
 	reg := registryproc.Start(b, registryproc.Options{Users: map[string]string{"bench": "bench-pass"}})
@@ -129,10 +129,15 @@ func timeCommand(b *testing.B, work string, name string, args ...string) time.Du
 
 // moduleTarGz writes the ZIP's tree below opt/dynatrace/oneagent/ (the
 // layout of a code-modules image) as a tar.gz with the system's tar and
-// gzip, untimed.
-func moduleTarGz(b *testing.B, zipPath, work string) string {
+// gzip, once per process, untimed.
+func moduleTarGz(b *testing.B, zipPath string) string {
 	b.Helper()
-	tree := filepath.Join(work, "tree")
+	dir := sharedDir(b, "targz")
+	tgz := filepath.Join(dir, filepath.Base(zipPath)+".tar.gz")
+	if _, err := os.Stat(tgz); err == nil {
+		return tgz
+	}
+	tree := filepath.Join(dir, "tree")
 	root := filepath.Join(tree, "opt/dynatrace/oneagent")
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		b.Fatal(err)
@@ -141,25 +146,31 @@ func moduleTarGz(b *testing.B, zipPath, work string) string {
 	if o, err := exec.Command("unzip", "-q", "-d", root, zipPath).CombinedOutput(); err != nil {
 		b.Fatalf("unzip: %v\n%s", err, o)
 	}
-	tgz := filepath.Join(work, "module.tar.gz")
-	if o, err := exec.Command("tar", "-czf", tgz, "-C", tree, "opt").CombinedOutput(); err != nil {
+	if o, err := exec.Command("tar", "-czf", tgz+".tmp", "-C", tree, "opt").CombinedOutput(); err != nil {
 		b.Fatalf("tar: %v\n%s", err, o)
+	}
+	if err := os.Rename(tgz+".tmp", tgz); err != nil {
+		b.Fatal(err)
 	}
 	return tgz
 }
 
 // craneBinary builds crane (go-containerregistry's CLI, the version in
-// go.mod) with `go install` into the benchmark's temp dir.
+// go.mod) with `go install`, once per process.
 func craneBinary(b *testing.B) string {
 	b.Helper()
-	dir := b.TempDir()
+	dir := sharedDir(b, "crane")
+	bin := filepath.Join(dir, "crane")
+	if _, err := os.Stat(bin); err == nil {
+		return bin
+	}
 	cmd := exec.Command("go", "install", "github.com/google/go-containerregistry/cmd/crane@"+ggcrVersion(b))
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "GOBIN="+dir, "GOFLAGS=-mod=mod")
 	if o, err := cmd.CombinedOutput(); err != nil {
 		b.Fatalf("build crane: %v\n%s", err, o)
 	}
-	return filepath.Join(dir, "crane")
+	return bin
 }
 
 // ggcrVersion is the go-containerregistry version this module uses.
