@@ -191,6 +191,13 @@ func coldInstall(b *testing.B, tenant any, work string, cg *harness.MemoryCgroup
 	}
 	var r installResult
 	r.diskPeak, r.diskFinal = disk.stop()
+	if dir := os.Getenv("ONEAGENT_CSI_BENCH_LOG_DIR"); dir != "" {
+		// Keep the node's log (e.g. with GODEBUG=gctrace=1 in the environment).
+		logCount++
+		if data, err := os.ReadFile(logPath); err == nil {
+			_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("node-%03d.log", logCount)), data, 0o644)
+		}
+	}
 	for _, f := range durationField.FindAllStringSubmatch(line, -1) {
 		d, err := time.ParseDuration(f[2])
 		if err != nil {
@@ -216,6 +223,9 @@ func coldInstall(b *testing.B, tenant any, work string, cg *harness.MemoryCgroup
 		r.took, r.download, r.extract, r.peakRSS>>20, r.cgroupPeak>>20, r.diskPeak>>20, r.diskFinal>>20)
 	return r
 }
+
+// logCount numbers the node logs kept in $ONEAGENT_CSI_BENCH_LOG_DIR.
+var logCount int
 
 // diskSampler polls the used bytes of a filesystem.
 type diskSampler struct {
