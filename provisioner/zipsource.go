@@ -120,6 +120,7 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 	}
 	// A directory the rules refuse is refused by its bytes, before any data
 	// is downloaded (again).
+	zipSize := tail.Size // tail is not kept during the download: the directory is parsed into the plan
 	dirSum := sha256.Sum256(tail.Data)
 	dirDigest := "directory:" + hex.EncodeToString(dirSum[:])
 	if err := p.refused.sameArchive(tenant, key, dirDigest, p.opts.Now(), p.opts.RefusalBackoff); err != nil {
@@ -180,7 +181,7 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 	p.metrics.downloadBytes.Add(float64(pr.n))
 	id := hex.EncodeToString(h.Sum(nil))
 	now := p.opts.Now()
-	a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: tail.Size,
+	a := storage.Artifact{ID: id, Version: key.Version, Flavor: key.Flavor, Arch: key.Arch, ZipSize: zipSize,
 		Size: ex.Size, Files: ex.Files, State: storage.ArtifactReady, InstalledAt: now, LastUsed: now}
 	if hdr, err := storage.ReadManifestHeader(fs, l.ArtifactManifest(id)); err == nil && hdr.ArtifactID == id {
 		// Same ZIP already installed under another key (e.g. another flavor alias).
@@ -190,7 +191,7 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 	if err := p.commitArtifact(stagePath, a, key, ex.Entries); err != nil {
 		return storage.Artifact{}, err
 	}
-	log.Info("installed code module", "artifact", id, "zipBytes", tail.Size, "files", ex.Files, "bytes", ex.Size,
+	log.Info("installed code module", "artifact", id, "zipBytes", zipSize, "files", ex.Files, "bytes", ex.Size,
 		"streamed", true, "install", now.Sub(start).Round(time.Millisecond))
 	return a, nil
 }

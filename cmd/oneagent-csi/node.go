@@ -199,6 +199,11 @@ func applyMemoryLimit(log klog.Logger, configured int64, workers int) (int64, in
 	if limit > 0 && os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(memlimit.GoLimit(limit))
 	}
+	if os.Getenv("GOGC") == "" {
+		// Collecting at 1.25x the live heap instead of 2x keeps an
+		// install's peak RSS below 48 MiB for a few more collections.
+		debug.SetGCPercent(memlimit.GCPercent)
+	}
 	extractMem, pageCache := configured, int64(diskio.DefaultPageCache)
 	if extractMem == 0 {
 		extractMem = 8 << 20
@@ -212,9 +217,16 @@ func applyMemoryLimit(log klog.Logger, configured int64, workers int) (int64, in
 	if workers == 0 {
 		workers = extract.WorkersFor(extractMem)
 	}
-	log.Info("memory", "cgroupLimit", limit, "from", from, "goMemLimit", debug.SetMemoryLimit(-1),
+	log.Info("memory", "cgroupLimit", limit, "from", from, "goMemLimit", debug.SetMemoryLimit(-1), "gcPercent", gcPercent(),
 		"extractMemory", extractMem, "extractWorkers", workers, "pageCache", pageCache, "gomaxprocs", runtime.GOMAXPROCS(0))
 	return extractMem, pageCache
+}
+
+// gcPercent reads the garbage collector's target percentage.
+func gcPercent() int {
+	p := debug.SetGCPercent(100)
+	debug.SetGCPercent(p)
+	return p
 }
 
 // serveHTTP serves h on l until ctx ends, then shuts down gracefully

@@ -3,6 +3,7 @@ package extract
 import (
 	"archive/zip"
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -38,6 +39,22 @@ type plannedEntry struct {
 	link  string
 	// offset is where the entry's local header starts (streaming only).
 	offset int64
+	hdr    entryHeader
+}
+
+// entryHeader is what extraction needs of an entry's central directory
+// record: a streamed extraction keeps this and drops the directory.
+type entryHeader struct {
+	rawName      string
+	method       uint16
+	crc          uint32
+	csize, usize uint64
+	exec         bool
+}
+
+func headerOf(f *zip.File) entryHeader {
+	return entryHeader{rawName: f.Name, method: f.Method, crc: f.CRC32, csize: f.CompressedSize64, usize: f.UncompressedSize64,
+		exec: f.Mode()&0o111 != 0}
 }
 
 // Zip unpacks the ZIP at zipPath into destDir (both on fsys, destDir must
@@ -219,7 +236,7 @@ func planEntries(zfiles []*zip.File, zipSize int64, limits Limits) ([]plannedEnt
 			}
 			return nil, badArchive("entry %q is not a directory but names the archive root", shortName(f.Name))
 		}
-		p := plannedEntry{f: f, name: name, order: order}
+		p := plannedEntry{f: f, name: name, order: order, hdr: headerOf(f)}
 		switch {
 		case mode.IsDir():
 			p.kind = "dir"
@@ -336,7 +353,7 @@ type fileExtractor struct {
 	closer   *diskio.CloseQueue
 	chunk    int64 // write-behind chunk
 
-	in       *bufio.Reader // compressed bytes, read in large blocks
+	in       *bufio.Reader // compressed bytes not in memory, read in large blocks
 	inflate  io.ReadCloser
 	out      *bufio.Writer // decompressed bytes, written in large blocks
 	sha      hash.Hash
@@ -348,7 +365,7 @@ type fileExtractor struct {
 
 func newFileExtractor(fsys afero.Fs, destDir string, total *atomic.Int64, maxBytes int64, closer *diskio.CloseQueue, chunk int64) *fileExtractor {
 	x := &fileExtractor{fsys: fsys, destDir: destDir, total: total, maxBytes: maxBytes, closer: closer, chunk: chunk,
-		in: bufio.NewReaderSize(nil, workerReadBuffer), out: bufio.NewWriterSize(nil, workerWriteBuffer),
+		out: bufio.NewWriterSize(nil, workerWriteBuffer),
 		sha: sha256.New(), crc: crc32.NewIEEE(), copyBuf: make([]byte, workerCopyBuffer)}
 	x.checksum = io.MultiWriter(x.sha, x.crc)
 	return x
@@ -361,15 +378,25 @@ func (x *fileExtractor) extract(ctx context.Context, p plannedEntry, raw io.Read
 		return storage.ManifestEntry{}, err
 	}
 	perm := os.FileMode(0o644)
-	if p.f.Mode()&0o111 != 0 {
+	if p.hdr.exec {
 		perm = 0o755
 	}
-	x.in.Reset(raw)
-	var src io.Reader = x.in
-	if p.f.Method == zip.Deflate {
+	// Compressed bytes already in memory are read as they are; others
+	// through a large buffer (allocated on first use).
+	in, inMemory := raw.(*bytes.Reader)
+	var compressed flate.Reader = in
+	if !inMemory {
+		if x.in == nil {
+			x.in = bufio.NewReaderSize(nil, workerReadBuffer)
+		}
+		x.in.Reset(raw)
+		compressed = x.in
+	}
+	var src io.Reader = compressed
+	if p.hdr.method == zip.Deflate {
 		if x.inflate == nil {
-			x.inflate = flate.NewReader(x.in)
-		} else if err := x.inflate.(flate.Resetter).Reset(x.in, nil); err != nil {
+			x.inflate = flate.NewReader(compressed)
+		} else if err := x.inflate.(flate.Resetter).Reset(compressed, nil); err != nil {
 			return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
 		}
 		src = x.inflate
@@ -385,7 +412,7 @@ func (x *fileExtractor) extract(ctx context.Context, p plannedEntry, raw io.Read
 	x.crc.Reset()
 	// Read at most one byte more than declared: a lying header is caught
 	// without writing an unbounded stream.
-	limited := io.LimitReader(src, int64(p.f.UncompressedSize64)+1)
+	limited := io.LimitReader(src, int64(p.hdr.usize)+1)
 	n, err := io.CopyBuffer(io.MultiWriter(x.out, x.checksum), countingReader{limited, x.total, x.maxBytes}, x.copyBuf)
 	if err == nil {
 		err = x.out.Flush()
@@ -405,10 +432,10 @@ func (x *fileExtractor) extract(ctx context.Context, p plannedEntry, raw io.Read
 		return storage.ManifestEntry{}, badArchive("entry %s: %v", p.name, err)
 	case cerr != nil:
 		return storage.ManifestEntry{}, fmt.Errorf("extract %s: %w", p.name, cerr)
-	case uint64(n) != p.f.UncompressedSize64:
-		return storage.ManifestEntry{}, badArchive("entry %s has %d bytes, header says %d", p.name, n, p.f.UncompressedSize64)
-	case x.crc.Sum32() != p.f.CRC32:
-		return storage.ManifestEntry{}, badArchive("entry %s: checksum error (CRC-32 %08x, central directory says %08x)", p.name, x.crc.Sum32(), p.f.CRC32)
+	case uint64(n) != p.hdr.usize:
+		return storage.ManifestEntry{}, badArchive("entry %s has %d bytes, header says %d", p.name, n, p.hdr.usize)
+	case x.crc.Sum32() != p.hdr.crc:
+		return storage.ManifestEntry{}, badArchive("entry %s: checksum error (CRC-32 %08x, central directory says %08x)", p.name, x.crc.Sum32(), p.hdr.crc)
 	}
 	if err := x.fsys.Chmod(dst, perm); err != nil { // umask-independent
 		return storage.ManifestEntry{}, err

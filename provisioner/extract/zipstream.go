@@ -5,13 +5,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
 	"sort"
-	"sync"
 	"sync/atomic"
 
 	"github.com/klauspost/compress/flate"
@@ -109,16 +109,13 @@ func (s *sourceReader) Read(p []byte) (int, error) {
 // Entries whose compressed data is at most this size are read whole and
 // handed to a worker, so that several small files are extracted at once;
 // larger ones are piped to a worker while they arrive.
-const streamBufferedMax = 256 << 10
-
-var streamBuffers = sync.Pool{New: func() any { b := make([]byte, streamBufferedMax); return &b }}
+const streamBufferedMax = 128 << 10
 
 // streamJob is one file for a worker: its compressed bytes, read whole
 // (data) or arriving through pipe.
 type streamJob struct {
 	i    int
-	data *[]byte
-	n    int
+	data []byte
 	pipe *io.PipeReader
 }
 
@@ -165,7 +162,14 @@ func ZipStream(ctx context.Context, fsys afero.Fs, destDir string, tail ZipTail,
 	g, gctx := errgroup.WithContext(ctx)
 	work := make(chan streamJob)
 	src := &sourceReader{r: body}
-	rd := &streamReader{br: bufio.NewReaderSize(src, workerReadBuffer), src: src, tail: tail, dirStart: dirStart}
+	// One buffer per worker and one being filled, allocated once: no
+	// garbage per file, and the memory stays what the workers were sized for.
+	buffers := make(chan []byte, workers+1)
+	for range workers + 1 {
+		buffers <- nil
+	}
+	rd := &streamReader{br: bufio.NewReaderSize(src, workerReadBuffer), src: src, buffers: buffers,
+		size: tail.Size, dirStart: dirStart, dirSum: sha256.Sum256(tail.Data[dirStart-tail.Offset:])}
 	g.Go(func() error {
 		defer close(work)
 		for _, i := range stream {
@@ -185,7 +189,7 @@ func ZipStream(ctx context.Context, fsys afero.Fs, destDir string, tail ZipTail,
 				if job.pipe != nil {
 					raw = job.pipe
 				} else {
-					raw = bytes.NewReader((*job.data)[:job.n])
+					raw = bytes.NewReader(job.data)
 				}
 				e, err := x.extract(gctx, plan[job.i], raw)
 				if job.pipe != nil {
@@ -198,7 +202,7 @@ func ZipStream(ctx context.Context, fsys afero.Fs, destDir string, tail ZipTail,
 						job.pipe.CloseWithError(err)
 					}
 				} else {
-					streamBuffers.Put(job.data)
+					buffers <- job.data[:0]
 				}
 				if err != nil {
 					return err
@@ -261,16 +265,23 @@ func planStream(tail ZipTail, limits Limits) ([]plannedEntry, int64, error) {
 	}
 	for i := range plan {
 		plan[i].offset = offsets[plan[i].order]
+		// Drop the directory (and the tail it was read from) during the
+		// extraction: the plan holds what it needs.
+		plan[i].f = nil
 	}
 	return plan, dirStart, nil
 }
 
 // streamReader walks the archive front to back.
 type streamReader struct {
-	br       *bufio.Reader
-	src      *sourceReader
-	tail     ZipTail
+	br      *bufio.Reader
+	src     *sourceReader
+	buffers chan []byte
+	// size is the archive's; dirStart and dirSum where its central
+	// directory starts and the SHA-256 of the bytes from there to the end.
+	size     int64
 	dirStart int64
+	dirSum   [sha256.Size]byte
 	hdr      [30]byte
 	name     []byte
 }
@@ -281,7 +292,7 @@ func (r *streamReader) pos() int64 { return r.src.pos - int64(r.br.Buffered()) }
 // readErr makes an early end of the archive a source error.
 func (r *streamReader) readErr(err error) error {
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return &sourceError{fmt.Errorf("archive ends after %d of %d bytes: %w", r.src.pos, r.tail.Size, io.ErrUnexpectedEOF)}
+		return &sourceError{fmt.Errorf("archive ends after %d of %d bytes: %w", r.src.pos, r.size, io.ErrUnexpectedEOF)}
 	}
 	return err
 }
@@ -312,26 +323,26 @@ func (r *streamReader) entry(ctx context.Context, p *plannedEntry, i int, work c
 	if binary.LittleEndian.Uint32(r.hdr[:]) != localHeaderSignature {
 		return badArchive("entry %s: no local header at offset %d", p.name, p.offset)
 	}
-	if m := binary.LittleEndian.Uint16(r.hdr[8:]); m != p.f.Method {
-		return badArchive("entry %s: local header says compression method %d, central directory %d", p.name, m, p.f.Method)
+	if m := binary.LittleEndian.Uint16(r.hdr[8:]); m != p.hdr.method {
+		return badArchive("entry %s: local header says compression method %d, central directory %d", p.name, m, p.hdr.method)
 	}
 	nameLen, extraLen := int(binary.LittleEndian.Uint16(r.hdr[26:])), int64(binary.LittleEndian.Uint16(r.hdr[28:]))
-	if nameLen != len(p.f.Name) {
+	if nameLen != len(p.hdr.rawName) {
 		return badArchive("entry %s: local header has another name", p.name)
 	}
 	r.name = append(r.name[:0], make([]byte, nameLen)...)
 	if _, err := io.ReadFull(r.br, r.name); err != nil {
 		return r.readErr(err)
 	}
-	if string(r.name) != p.f.Name {
+	if string(r.name) != p.hdr.rawName {
 		return badArchive("entry %s: local header names %s", p.name, shortName(string(r.name)))
 	}
 	if err := r.skip(extraLen); err != nil {
 		return err
 	}
-	size := int64(p.f.CompressedSize64)
+	size := int64(p.hdr.csize)
 	if end := r.pos() + size; size < 0 || end > r.dirStart {
-		return badArchive("entry %s: data of %d bytes runs into the central directory", p.name, p.f.CompressedSize64)
+		return badArchive("entry %s: data of %d bytes runs into the central directory", p.name, p.hdr.csize)
 	}
 	switch p.kind {
 	case "file":
@@ -345,16 +356,23 @@ func (r *streamReader) entry(ctx context.Context, p *plannedEntry, i int, work c
 
 func (r *streamReader) file(ctx context.Context, i int, size int64, work chan<- streamJob) error {
 	if size <= streamBufferedMax {
-		buf := streamBuffers.Get().(*[]byte)
-		if _, err := io.ReadFull(r.br, (*buf)[:size]); err != nil {
-			streamBuffers.Put(buf)
+		var buf []byte
+		select {
+		case buf = <-r.buffers:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if cap(buf) < streamBufferedMax {
+			buf = make([]byte, 0, streamBufferedMax)
+		}
+		buf = buf[:size]
+		if _, err := io.ReadFull(r.br, buf); err != nil {
 			return r.readErr(err)
 		}
 		select {
-		case work <- streamJob{i: i, data: buf, n: int(size)}:
+		case work <- streamJob{i: i, data: buf}:
 			return nil
 		case <-ctx.Done():
-			streamBuffers.Put(buf)
 			return ctx.Err()
 		}
 	}
@@ -384,7 +402,7 @@ func (r *streamReader) link(p *plannedEntry, size int64) error {
 		return r.readErr(err)
 	}
 	var in io.Reader = bytes.NewReader(data)
-	if p.f.Method == zip.Deflate {
+	if p.hdr.method == zip.Deflate {
 		in = flate.NewReader(in)
 	}
 	crc := crc32.NewIEEE()
@@ -392,36 +410,30 @@ func (r *streamReader) link(p *plannedEntry, size int64) error {
 	if err != nil {
 		return err
 	}
-	if uint64(len(target)) != p.f.UncompressedSize64 || crc.Sum32() != p.f.CRC32 {
+	if uint64(len(target)) != p.hdr.usize || crc.Sum32() != p.hdr.crc {
 		return badArchive("symlink %s: target does not match the size and checksum of the central directory", p.name)
 	}
 	p.link = target
 	return nil
 }
 
-// rest reads the archive after the last entry: the bytes where the tail
-// lies must be the tail's, and the archive must end where it said.
+// rest reads the archive after the last entry: its central directory
+// must be the one fetched first, and the archive must end where it said.
 func (r *streamReader) rest() error {
-	// A small archive's tail also holds entries, read (and checked) as such.
-	from := max(r.pos(), r.tail.Offset)
-	if err := r.skip(from - r.pos()); err != nil {
+	if err := r.skip(r.dirStart - r.pos()); err != nil {
 		return err
 	}
-	buf := make([]byte, 64<<10)
-	for off := int(from - r.tail.Offset); off < len(r.tail.Data); {
-		n, err := io.ReadFull(r.br, buf[:min(len(buf), len(r.tail.Data)-off)])
-		if err != nil {
-			return r.readErr(err)
-		}
-		if !bytes.Equal(buf[:n], r.tail.Data[off:off+n]) {
-			// Not the archive's fault: the tenant served other bytes than
-			// at the first request; a retry fetches both again.
-			return &sourceError{fmt.Errorf("the archive changed between fetching its central directory and its data (at offset %d)", r.tail.Offset+int64(off))}
-		}
-		off += n
+	h := sha256.New()
+	if _, err := io.CopyN(h, r.br, r.size-r.dirStart); err != nil {
+		return r.readErr(err)
 	}
-	if n, _ := r.br.Read(buf[:1]); n > 0 {
-		return &sourceError{fmt.Errorf("the archive is longer than the %d bytes its first answer declared", r.tail.Size)}
+	if !bytes.Equal(h.Sum(nil), r.dirSum[:]) {
+		// Not the archive's fault: the tenant served other bytes than
+		// at the first request; a retry fetches both again.
+		return &sourceError{errors.New("the archive changed between fetching its central directory and its data")}
+	}
+	if n, _ := r.br.Read(make([]byte, 1)); n > 0 {
+		return &sourceError{fmt.Errorf("the archive is longer than the %d bytes its first answer declared", r.size)}
 	}
 	return nil
 }

@@ -219,8 +219,9 @@ func coldInstall(b *testing.B, tenant any, work string, cg *harness.MemoryCgroup
 	if cg != nil {
 		r.cgroupPeak = cg.Peak()
 	}
-	b.Logf("install: %v (download %v, extract %v), peak RSS %d MiB, cgroup peak %d MiB, disk peak %d MiB, final %d MiB",
-		r.took, r.download, r.extract, r.peakRSS>>20, r.cgroupPeak>>20, r.diskPeak>>20, r.diskFinal>>20)
+	b.Logf("install: %v (download %v, extract %v), peak RSS %d MiB (now: anon %d MiB, file %d MiB), cgroup peak %d MiB, disk peak %d MiB, final %d MiB",
+		r.took, r.download, r.extract, r.peakRSS>>20, procStatus(b, cmd.Process.Pid, "RssAnon:")>>10, procStatus(b, cmd.Process.Pid, "RssFile:")>>10,
+		r.cgroupPeak>>20, r.diskPeak>>20, r.diskFinal>>20)
 	return r
 }
 
