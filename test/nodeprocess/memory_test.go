@@ -11,11 +11,12 @@ import (
 	"github.com/oneagent-csi/oneagent-csi/test/harness"
 )
 
-var memoryLine = regexp.MustCompile(`"memory" cgroupLimit=(\d+) .*goMemLimit=(\d+) extractMemory=(\d+) extractWorkers=(\d+) pageCache=(\d+)`)
+var memoryLine = regexp.MustCompile(`"memory" cgroupLimit=(\d+) .*goMemLimit=(\d+) gcPercent=(\d+) extractMemory=(\d+) extractWorkers=(\d+) pageCache=(\d+)`)
 
 // Inside a 64 MiB memory cgroup (cgroup v1 on this machine, v2 elsewhere)
 // the node sets the Go memory limit to 7/8 of it unless GOMEMLIMIT is set,
-// and sizes extraction and page cache from it, whatever GOMAXPROCS says.
+// collects garbage at 25% growth unless GOGC is set, and sizes extraction
+// and page cache from the limit, whatever GOMAXPROCS says.
 func TestMemoryLimitsFollowTheCgroup(t *testing.T) {
 	harness.RequireRoot(t)
 	cg, err := harness.NewMemoryCgroup(64 << 20)
@@ -26,10 +27,10 @@ func TestMemoryLimitsFollowTheCgroup(t *testing.T) {
 	tests := []struct {
 		name string
 		env  []string
-		want []string // cgroupLimit, goMemLimit, extractMemory, extractWorkers, pageCache
+		want []string // cgroupLimit, goMemLimit, gcPercent, extractMemory, extractWorkers, pageCache
 	}{
-		{"from the cgroup", []string{"GOMAXPROCS=64"}, []string{"67108864", "58720256", "4194304", "6", "4194304"}},
-		{"GOMEMLIMIT wins", []string{"GOMAXPROCS=64", "GOMEMLIMIT=100MiB"}, []string{"67108864", "104857600", "4194304", "6", "4194304"}},
+		{"from the cgroup", []string{"GOMAXPROCS=64"}, []string{"67108864", "58720256", "25", "4194304", "6", "4194304"}},
+		{"GOMEMLIMIT and GOGC win", []string{"GOMAXPROCS=64", "GOMEMLIMIT=100MiB", "GOGC=80"}, []string{"67108864", "104857600", "80", "4194304", "6", "4194304"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
