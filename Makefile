@@ -58,7 +58,7 @@ unit: ## run the tests that need neither root nor the binary
 	$(GO) test -race -count=1 ./api/... ./driver/... ./provisioner/... ./storage/... ./injector/... ./troubleshoot/... ./internal/... ./cmd/... ./test/manifests/
 
 bench: build ## run the benchmarks (see BENCHMARKS.md)
-	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -run '^$$' -bench . -benchtime 3x -count 1 -timeout 60m ./test/bench/
+	ONEAGENT_CSI_BIN=$(CURDIR)/$(BIN)/oneagent-csi $(GO) test -run '^$$' -bench . -benchtime 3x -count 1 -timeout 120m ./test/bench/
 	$(GO) test -run '^$$' -bench . -count 1 ./injector/
 
 bench-e2e: build ## pod start with and without injection, 20 pods at once, on the real cluster (root; see BENCHMARKS.md)
