@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -144,5 +145,22 @@ func writeZip(t *testing.T, path string, files map[string]string) {
 	}
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A tenant (or a proxy in front of it) that answers the range request with
+// 416 gets the ZIP downloaded whole instead.
+func TestZipRangeRefusedFallsBackToDownload(t *testing.T) {
+	f := newFixture(t, nil)
+	f.srv.SetFaults(faketenant.Fault{Kind: faketenant.FaultStatus, Route: faketenant.RouteDownloadRange, Status: http.StatusRequestedRangeNotSatisfiable})
+	version := f.srv.Latest()
+	if _, err := f.prov.EnsureArtifact(context.Background(), "prod", version); err != nil {
+		t.Fatal(err)
+	}
+	if n, r := f.srv.Downloads(version), f.srv.Requests(faketenant.RouteDownloadRange); n != 1 || r != 1 {
+		t.Errorf("%d whole downloads and %d range requests, want 1 and 1", n, r)
+	}
+	if got := tmpEntries(t, f.layout); len(got) != 0 {
+		t.Errorf("tmp/ not clean: %v", got)
 	}
 }
