@@ -7,7 +7,6 @@
 package registry
 
 import (
-	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -27,6 +26,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"k8s.io/klog/v2"
 
@@ -304,7 +304,9 @@ func applyLayer(ctx context.Context, tree Tree, layer v1.Layer, desc v1.Descript
 	decompress, _ := decompressorFor(desc.MediaType)
 	plain, closeFn, derr := decompress(hr)
 	if derr == nil {
-		err = tree.Apply(ctx, plain, desc.Size)
+		ahead := newReadAhead(plain)
+		err = tree.Apply(ctx, ahead, desc.Size)
+		ahead.Close() // before hr is read below
 		closeFn()
 	}
 	// Read to the end (bounded by the declared size) so that the digest

@@ -1,0 +1,68 @@
+package registry
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"testing"
+	"testing/iotest"
+)
+
+func TestReadAhead(t *testing.T) {
+	data := make([]byte, 3*readAheadChunk+12345)
+	rng := rand.New(rand.NewPCG(1, 1))
+	for i := range data {
+		data[i] = byte(rng.IntN(256))
+	}
+	broken := errors.New("connection reset")
+	for _, tc := range []struct {
+		name    string
+		r       io.Reader
+		want    []byte
+		wantErr error
+	}{
+		{"all bytes in order", iotest.HalfReader(bytes.NewReader(data)), data, nil},
+		{"empty", bytes.NewReader(nil), nil, nil},
+		// A truncated stream must stay an error, not become an end.
+		{"error after data", io.MultiReader(bytes.NewReader(data[:1000]), iotest.ErrReader(io.ErrUnexpectedEOF)), data[:1000], io.ErrUnexpectedEOF},
+		{"error at once", iotest.ErrReader(broken), nil, broken},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ra := newReadAhead(tc.r)
+			defer ra.Close()
+			got, err := io.ReadAll(iotest.OneByteReader(io.LimitReader(ra, 1<<30)))
+			if !errors.Is(err, tc.wantErr) && !(tc.wantErr == nil && err == nil) {
+				t.Fatalf("err = %v, want %v", err, tc.wantErr)
+			}
+			if !bytes.Equal(got, tc.want) {
+				t.Fatalf("got %d bytes, want %d (same content: %v)", len(got), len(tc.want), bytes.Equal(got, tc.want[:min(len(got), len(tc.want))]))
+			}
+		})
+	}
+}
+
+// countingReader counts reads.
+type countingReader struct{ reads int }
+
+func (c *countingReader) Read(p []byte) (int, error) { c.reads++; return len(p), nil }
+
+// After Close the source is not read any more (the caller reads it next).
+func TestReadAheadCloseStopsReading(t *testing.T) {
+	src := &countingReader{}
+	ra := newReadAhead(src)
+	if _, err := io.ReadFull(ra, make([]byte, 10)); err != nil {
+		t.Fatal(err)
+	}
+	ra.Close()
+	reads := src.reads
+	if reads > readAheadChunks+2 {
+		t.Errorf("%d reads: more than the read-ahead allows", reads)
+	}
+	if _, err := ra.Read(make([]byte, readAheadChunk*(readAheadChunks+2))); err == nil && src.reads != reads {
+		t.Errorf("source read after Close: %d -> %d", reads, src.reads)
+	}
+	if src.reads != reads {
+		t.Errorf("source read after Close: %d -> %d", reads, src.reads)
+	}
+}
