@@ -10,7 +10,7 @@ import (
 // tar -x` runs in two processes. A tar stream is sequential; this is the
 // parallelism it has.
 const (
-	readAheadChunk  = 256 << 10
+	readAheadChunk  = 128 << 10
 	readAheadChunks = 4
 )
 
