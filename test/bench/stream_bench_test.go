@@ -1,6 +1,15 @@
 package bench
 
 import (
+	"bufio"
+
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -8,10 +17,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/klauspost/compress/gzip"
+	"github.com/spf13/afero"
 	"golang.org/x/sys/unix"
 
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
+	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
 	"github.com/oneagent-csi/oneagent-csi/test/harness"
 	"github.com/oneagent-csi/oneagent-csi/test/ocitest"
@@ -30,8 +46,10 @@ import (
 //   - the node with a tenant that answers them: the ZIP is extracted while
 //     it downloads (the default);
 //   - `unzip -q` of the ZIP and `tar -xzf` of the same tree as a tar.gz;
-//   - the node with an image tenant (one gzip layer: that tar.gz), and
-//     `crane export <image> - | tar -x` of the same image.
+//   - the node with an image tenant (one gzip layer: that tar.gz), the
+//     layer's download alone (to nowhere, SHA-256 on the way) and its
+//     extraction alone (the node's extractor on the local tar.gz, in this
+//     process), and `crane export <image> - | tar -x` of the same image.
 //
 // The disk use of the data dir's filesystem is sampled every 5 ms during
 // each node install (statfs; ext4 counts delayed allocations), peak RSS is
@@ -61,6 +79,10 @@ func BenchmarkInstallWhileDownloading(b *testing.B) {
 	}
 	ref := reg.Host + "/" + ocitest.Repo + ":bench"
 	reg.Push(b, "bench", "bench-pass", ocitest.Repo, "bench", ocitest.Image(b, layer))
+	layerDigest, err := layer.Digest()
+	if err != nil {
+		b.Fatal(err)
+	}
 	dockerDir := filepath.Join(work, "docker")
 	if err := os.MkdirAll(dockerDir, 0o700); err != nil {
 		b.Fatal(err)
@@ -71,12 +93,14 @@ func BenchmarkInstallWhileDownloading(b *testing.B) {
 	crane := craneBinary(b)
 
 	var seq, streamed, image installResult
-	var unzipT, tarT, craneT time.Duration
+	var unzipT, tarT, craneT, layerDownload, layerExtract time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		seq.add(coldInstall(b, seqTenant, work, nil))
 		streamed.add(coldInstall(b, streamTenant, work, nil))
 		image.add(coldInstall(b, imageTenant, work, nil))
+		layerDownload += downloadLayerAlone(b, reg, ref, layerDigest)
+		layerExtract += extractLayerAlone(b, tgz, work)
 		unzipT += timeCommand(b, work, "unzip", "-q", "-d", "{out}", zipPath)
 		tarT += timeCommand(b, work, "tar", "-xzf", tgz, "-C", "{out}")
 		craneT += timeCommand(b, work, "bash", "-c", `set -o pipefail; DOCKER_CONFIG=`+dockerDir+` SSL_CERT_FILE=`+reg.CAFile+` `+crane+` export `+ref+` - | tar -x -C {out}`)
@@ -99,6 +123,9 @@ func BenchmarkInstallWhileDownloading(b *testing.B) {
 	b.ReportMetric(float64(streamed.peakRSS)/n/(1<<20), "MiB-rss-streamed")
 	b.ReportMetric(float64(seq.peakRSS)/n/(1<<20), "MiB-rss-downloaded")
 	b.ReportMetric(s(image.took), "s-image")
+	b.ReportMetric(s(layerDownload), "s-image-download")
+	b.ReportMetric(s(layerExtract), "s-image-extract")
+	b.ReportMetric(image.took.Seconds()/max(layerDownload, layerExtract).Seconds(), "image/max(dl,ex)")
 	b.ReportMetric(s(craneT), "s-crane-export-tar")
 	b.ReportMetric(image.took.Seconds()/craneT.Seconds(), "image/crane")
 	b.ReportMetric(float64(image.diskPeak)/float64(image.diskFinal), "disk-peak/final-image")
@@ -181,4 +208,82 @@ func ggcrVersion(b *testing.B) string {
 		b.Fatalf("go list: %v", err)
 	}
 	return strings.TrimSpace(string(out))
+}
+
+// extractLayerAlone applies the image's layer from the local tar.gz with
+// the node's extractor, in this process: the image's "extraction alone".
+// Decompression runs in its own goroutine, as in the node.
+func extractLayerAlone(b *testing.B, tgz, work string) time.Duration {
+	b.Helper()
+	dest := filepath.Join(work, "layer")
+	defer removeAll(b, dest)
+	unix.Sync()
+	start := time.Now()
+	f, err := os.Open(tgz)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		b.Fatal(err)
+	}
+	z, err := gzip.NewReader(bufio.NewReaderSize(f, 256<<10))
+	if err != nil {
+		b.Fatal(err)
+	}
+	pr, pw := io.Pipe()
+	go func() { _, err := io.Copy(pw, z); pw.CloseWithError(err) }()
+	defer pr.Close()
+	layers, err := extract.NewLayers(afero.NewOsFs(), dest, "opt/dynatrace/oneagent", extract.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := layers.Apply(context.Background(), pr, st.Size()); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := layers.Finish(); err != nil {
+		b.Fatal(err)
+	}
+	d := time.Since(start)
+	b.Logf("layer extraction alone: %v", d.Round(time.Millisecond))
+	return d
+}
+
+// downloadLayerAlone fetches the image's layer blob from the registry with
+// its SHA-256, to nowhere: the image's "download alone".
+func downloadLayerAlone(b *testing.B, reg *registryproc.Registry, ref string, digest v1.Hash) time.Duration {
+	b.Helper()
+	ca, err := os.ReadFile(reg.CAFile)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	d, err := name.NewDigest(ref[:strings.LastIndex(ref, ":")] + "@" + digest.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	layer, err := remote.Layer(d, remote.WithTransport(tr), remote.WithAuth(&authn.Basic{Username: "bench", Password: "bench-pass"}))
+	if err != nil {
+		b.Fatal(err)
+	}
+	rc, err := layer.Compressed()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rc.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, rc); err != nil {
+		b.Fatal(err)
+	}
+	took := time.Since(start)
+	if got := hex.EncodeToString(h.Sum(nil)); got != digest.Hex {
+		b.Fatalf("downloaded layer has sha256 %s, want %s", got, digest.Hex)
+	}
+	b.Logf("layer download alone: %v", took.Round(time.Millisecond))
+	return took
 }
