@@ -151,6 +151,9 @@ type Provisioner struct {
 	previousImage sync.Map
 	// background holds the artifact keys installing in the background.
 	background sync.Map
+	// downloadFirst holds the tenants whose ZIPs changed between the range
+	// request and the download: their ZIPs are downloaded whole from then on.
+	downloadFirst sync.Map
 
 	gc gcState
 }

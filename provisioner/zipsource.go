@@ -33,6 +33,13 @@ import (
 // fails, tmp/ is left clean.
 func (p *Provisioner) installOnce(ctx context.Context, c *Client, key storage.ArtifactKey) (storage.Artifact, error) {
 	start := p.opts.Now()
+	if _, ok := p.downloadFirst.Load(c.Tenant().Name); ok {
+		whole, err := c.OpenAgentZipRange(ctx, key.Version, key.Flavor, key.Arch, "")
+		if err != nil {
+			return storage.Artifact{}, err
+		}
+		return p.installDownloaded(ctx, c, key, whole)
+	}
 	tail, whole, err := p.fetchZipTail(ctx, c, key)
 	if err != nil {
 		return storage.Artifact{}, err
@@ -141,6 +148,7 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 	}
 	defer part.Body.Close()
 	if part.Size >= 0 && part.Size != tail.Size {
+		p.stopStreaming(log, tenant)
 		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: the archive is %d bytes, its central directory was fetched from one of %d: %w",
 			tenant, key.Version, part.Size, tail.Size, ErrUnavailable)
 	}
@@ -172,6 +180,9 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: download: %w", tenant, key.Version, ctx.Err())
 	case errors.Is(err, extract.ErrSource) && !errors.Is(err, ErrUnavailable):
 		p.metrics.downloadBytes.Add(float64(pr.n))
+		if errors.Is(err, extract.ErrArchiveChanged) {
+			p.stopStreaming(log, tenant)
+		}
 		//nolint:errorlint // classified by ErrUnavailable only; the cause is text
 		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: download broke off after %d bytes: %w: %v", tenant, key.Version, pr.n, ErrUnavailable, err)
 	default:
@@ -194,6 +205,16 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 	log.Info("installed code module", "artifact", id, "zipBytes", zipSize, "files", ex.Files, "bytes", ex.Size,
 		"streamed", true, "install", now.Sub(start).Round(time.Millisecond))
 	return a, nil
+}
+
+// stopStreaming makes tenant's ZIPs downloaded whole from now on (until
+// the node restarts): it served other bytes at the download than at the
+// range request, so the directory fetched first cannot be trusted to
+// describe the data (a tenant that builds its archives per request).
+func (p *Provisioner) stopStreaming(log klog.Logger, tenant string) {
+	if _, loaded := p.downloadFirst.LoadOrStore(tenant, true); !loaded {
+		log.Info("the tenant served another archive than at the range request: its ZIPs are downloaded whole, then extracted, from now on")
+	}
 }
 
 // installDownloaded downloads the whole ZIP (whole, already requested)

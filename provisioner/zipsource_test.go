@@ -164,3 +164,28 @@ func TestZipRangeRefusedFallsBackToDownload(t *testing.T) {
 		t.Errorf("tmp/ not clean: %v", got)
 	}
 }
+
+// A tenant whose download differs from what its range request returned
+// (an archive built per request) is retried at once, and its ZIPs are
+// downloaded whole from then on: the directory fetched first does not
+// describe its data.
+func TestZipChangedArchiveIsDownloadedFirstFromThenOn(t *testing.T) {
+	f := newFixture(t, nil)
+	f.srv.SetFaults(faketenant.Fault{Kind: faketenant.FaultCorruptEnd, Route: faketenant.RouteDownload, Count: 1})
+	ctx := context.Background()
+	if _, err := f.prov.EnsureArtifact(ctx, "prod", f.srv.Latest()); err != nil {
+		t.Fatal(err)
+	}
+	if d, r := f.srv.Requests(faketenant.RouteDownload), f.srv.Requests(faketenant.RouteDownloadRange); d != 2 || r != 1 {
+		t.Fatalf("%d downloads and %d range requests, want 2 (streamed, then whole) and 1", d, r)
+	}
+	if _, err := f.prov.EnsureArtifact(ctx, "prod", faketenant.DefaultVersions[0]); err != nil {
+		t.Fatal(err)
+	}
+	if r := f.srv.Requests(faketenant.RouteDownloadRange); r != 1 {
+		t.Errorf("the next version asked for a range again (%d range requests)", r)
+	}
+	if got := tmpEntries(t, f.layout); len(got) != 0 {
+		t.Errorf("tmp/ not clean: %v", got)
+	}
+}

@@ -84,6 +84,10 @@ func ZipTailStart(t ZipTail, limits Limits) (int64, error) {
 // fault: a retry may succeed.
 var ErrSource = errors.New("reading the archive failed")
 
+// ErrArchiveChanged: the source served other bytes for the archive than at
+// the request that fetched its central directory (wraps ErrSource).
+var ErrArchiveChanged = errors.New("the archive changed between its requests")
+
 // sourceError is a failure to read the archive from its source: returned
 // as it is (wrapping ErrSource) rather than as ErrBadArchive.
 type sourceError struct{ err error }
@@ -430,10 +434,10 @@ func (r *streamReader) rest() error {
 	if !bytes.Equal(h.Sum(nil), r.dirSum[:]) {
 		// Not the archive's fault: the tenant served other bytes than
 		// at the first request; a retry fetches both again.
-		return &sourceError{errors.New("the archive changed between fetching its central directory and its data")}
+		return &sourceError{fmt.Errorf("%w: its central directory differs from the one fetched first", ErrArchiveChanged)}
 	}
 	if n, _ := r.br.Read(make([]byte, 1)); n > 0 {
-		return &sourceError{fmt.Errorf("the archive is longer than the %d bytes its first answer declared", r.size)}
+		return &sourceError{fmt.Errorf("%w: it is longer than the %d bytes its first answer declared", ErrArchiveChanged, r.size)}
 	}
 	return nil
 }

@@ -124,7 +124,7 @@ func TestZipStreamRefusesWhatTheDirectoryDoesNotSay(t *testing.T) {
 	}{
 		{"local header names another file", func(body, _ []byte) { body[localName+len("agent/lib64/")] = 'S' }, true, "local header names"},
 		{"local header has another method", func(body, _ []byte) { binary.LittleEndian.PutUint16(body[localName-30+8:], zip.Deflate) }, true, "compression method"},
-		{"central directory differs in the download", func(body, _ []byte) { body[len(body)-30] ^= 0xff }, false, "changed between"},
+		{"central directory differs in the download", func(body, _ []byte) { body[len(body)-30] ^= 0xff }, false, "changed between its requests"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			body := bytes.Clone(data)

@@ -54,6 +54,10 @@ const (
 	FaultTruncate FaultKind = "truncate"
 	// FaultCorrupt flips bytes in the middle of a download (length unchanged).
 	FaultCorrupt FaultKind = "corrupt"
+	// FaultCorruptEnd flips bytes at the end of a download (its central
+	// directory), length unchanged: another archive than the range
+	// requests saw.
+	FaultCorruptEnd FaultKind = "corrupt-end"
 	// FaultSlow sends a download at Fault.Rate bytes per second.
 	FaultSlow FaultKind = "slow"
 	// FaultStallBody sends the headers and half the body of a download, then
@@ -455,6 +459,9 @@ func (s *Server) serveDownload(w http.ResponseWriter, r *http.Request, version s
 	}
 	if fault != nil && fault.Kind == FaultCorrupt {
 		body = &corruptReader{r: f, at: size / 2}
+	}
+	if fault != nil && fault.Kind == FaultCorruptEnd {
+		body = &corruptReader{r: f, at: max(size-40, 0)}
 	}
 	if fault != nil && fault.Kind == FaultSlow {
 		body = &slowReader{r: body, rate: max(fault.Rate, 1024), ctx: r.Context()}
