@@ -1,6 +1,7 @@
 package provisioner
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -139,6 +140,11 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 		}
 		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: %w", tenant, key.Version, err)
 	}
+	dirStart, err := extract.ZipTailStart(tail, p.opts.Limits)
+	if err != nil {
+		return storage.Artifact{}, err
+	}
+	dirOnlySum := sha256.Sum256(tail.Data[dirStart-tail.Offset:])
 	stagePath := l.TmpEntry(randomName("install-") + ".d")
 	defer func() { _ = fs.RemoveAll(stagePath) }()
 
@@ -165,11 +171,21 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 		// Refused in its data: the rest is read (not written) for the
 		// archive's SHA-256, so that the same bytes downloaded after the
 		// backoff are known as such, as when the ZIP is downloaded first.
-		if _, derr := io.Copy(io.Discard, pr); derr != nil || (part.Length >= 0 && pr.n != part.Length) {
+		// Its central directory is compared on the way: another one than
+		// fetched first means another archive (built per request), whose
+		// data the plan did not describe: not a refusal.
+		dir := &directoryCheck{pos: pr.n, start: dirStart, h: sha256.New()}
+		if _, derr := io.Copy(dir, pr); derr != nil || (part.Length >= 0 && pr.n != part.Length) {
 			p.metrics.downloadBytes.Add(float64(pr.n))
 			return storage.Artifact{}, refuse("", err)
 		}
 		p.metrics.downloadBytes.Add(float64(pr.n))
+		if dir.complete && !bytes.Equal(dir.h.Sum(nil), dirOnlySum[:]) {
+			p.stopStreaming(log, tenant)
+			//nolint:errorlint // classified by ErrUnavailable only; the cause is text
+			return storage.Artifact{}, fmt.Errorf("tenant %q version %s: %w: the download's central directory differs from the one fetched first (%v)",
+				tenant, key.Version, ErrUnavailable, err)
+		}
 		digest := hex.EncodeToString(h.Sum(nil))
 		if again := p.refused.sameArchive(tenant, key, digest, p.opts.Now(), p.opts.RefusalBackoff); again != nil {
 			return storage.Artifact{}, again
@@ -205,6 +221,26 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 	log.Info("installed code module", "artifact", id, "zipBytes", zipSize, "files", ex.Files, "bytes", ex.Size,
 		"streamed", true, "install", now.Sub(start).Round(time.Millisecond))
 	return a, nil
+}
+
+// directoryCheck hashes the bytes written to it that lie at or after
+// start in the archive (the central directory), the first written one
+// being at pos; complete when the hash covers all of them.
+type directoryCheck struct {
+	pos, start int64
+	h          hash.Hash
+	complete   bool
+}
+
+func (d *directoryCheck) Write(b []byte) (int, error) {
+	if d.pos <= d.start {
+		d.complete = true
+	}
+	if skip := d.start - d.pos; skip < int64(len(b)) {
+		d.h.Write(b[max(skip, 0):])
+	}
+	d.pos += int64(len(b))
+	return len(b), nil
 }
 
 // stopStreaming makes tenant's ZIPs downloaded whole from now on (until

@@ -189,3 +189,21 @@ func TestZipChangedArchiveIsDownloadedFirstFromThenOn(t *testing.T) {
 		t.Errorf("tmp/ not clean: %v", got)
 	}
 }
+
+// The same when the other archive shows first as a local header that does
+// not match the directory: the download's own directory differs from the
+// one fetched first, so it is another archive, not a bad one: not refused.
+func TestZipOtherArchiveIsNotRefused(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	f := newFixture(t, func(o *provisioner.Options) { o.Registerer = reg })
+	f.srv.SetFaults(faketenant.Fault{Kind: faketenant.FaultOtherArchive, Route: faketenant.RouteDownload, Count: 1, Version: faketenant.DefaultVersions[0]})
+	if _, err := f.prov.EnsureArtifact(context.Background(), "prod", f.srv.Latest()); err != nil {
+		t.Fatal(err)
+	}
+	if got := metricValue(t, reg, "oneagent_csi_downloads_total", "result", "bad_archive"); got != 0 {
+		t.Errorf("bad_archive counted %v times, want 0", got)
+	}
+	if d, r := f.srv.Requests(faketenant.RouteDownload), f.srv.Requests(faketenant.RouteDownloadRange); d != 2 || r != 1 {
+		t.Fatalf("%d downloads and %d range requests, want 2 (streamed, then whole) and 1", d, r)
+	}
+}

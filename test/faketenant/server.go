@@ -58,6 +58,10 @@ const (
 	// directory), length unchanged: another archive than the range
 	// requests saw.
 	FaultCorruptEnd FaultKind = "corrupt-end"
+	// FaultOtherArchive answers a download with the ZIP of Fault.Version
+	// instead, without a Content-Length: another archive than the range
+	// requests saw, as from a tenant that builds its archives per request.
+	FaultOtherArchive FaultKind = "other-archive"
 	// FaultSlow sends a download at Fault.Rate bytes per second.
 	FaultSlow FaultKind = "slow"
 	// FaultStallBody sends the headers and half the body of a download, then
@@ -76,6 +80,7 @@ type Fault struct {
 	RetryAfter int
 	Stall      time.Duration
 	Rate       int64
+	Version    string
 }
 
 // Options configure a Server.
@@ -437,6 +442,9 @@ func (s *Server) serveDownload(w http.ResponseWriter, r *http.Request, version s
 		http.Error(w, `{"error":{"code":404,"message":"version not found"}}`, http.StatusNotFound)
 		return
 	}
+	if fault != nil && fault.Kind == FaultOtherArchive {
+		version = fault.Version
+	}
 	p, err := s.ModulePath(version)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
@@ -451,7 +459,10 @@ func (s *Server) serveDownload(w http.ResponseWriter, r *http.Request, version s
 	st, _ := f.Stat()
 	size := st.Size()
 	w.Header().Set("Content-Type", "application/zip")
-	w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+	if fault == nil || fault.Kind != FaultOtherArchive {
+		// An archive built per request has no length up front.
+		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+	}
 	w.WriteHeader(http.StatusOK)
 	var body io.Reader = f
 	if fault != nil && fault.Kind == FaultTruncate {
