@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -205,5 +206,29 @@ func TestZipOtherArchiveIsNotRefused(t *testing.T) {
 	}
 	if d, r := f.srv.Requests(faketenant.RouteDownload), f.srv.Requests(faketenant.RouteDownloadRange); d != 2 || r != 1 {
 		t.Fatalf("%d downloads and %d range requests, want 2 (streamed, then whole) and 1", d, r)
+	}
+}
+
+// A central directory longer than the first range (here ~300 KiB for 2,500
+// files) is completed with a second range request.
+func TestZipLongDirectoryTakesTwoRanges(t *testing.T) {
+	f := newFixture(t, nil)
+	files := map[string]string{"agent/lib64/liboneagentproc.so": "elf"}
+	for i := range 2500 {
+		files[fmt.Sprintf("agent/res/%s/file%05d.txt", strings.Repeat("d", 60), i)] = "x"
+	}
+	zipPath := filepath.Join(t.TempDir(), "long.zip")
+	writeZip(t, zipPath, files)
+	version := f.srv.Latest()
+	f.srv.ServeModuleFile(version, zipPath)
+	a, err := f.prov.EnsureArtifact(context.Background(), "prod", version)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Files != len(files) {
+		t.Errorf("installed %d files, want %d", a.Files, len(files))
+	}
+	if r, d := f.srv.Requests(faketenant.RouteDownloadRange), f.srv.Requests(faketenant.RouteDownload); r != 2 || d != 1 {
+		t.Errorf("%d range requests and %d downloads, want 2 and 1", r, d)
 	}
 }
