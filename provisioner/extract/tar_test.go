@@ -4,7 +4,10 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -270,5 +273,48 @@ func TestLayersOnAMemoryFilesystem(t *testing.T) {
 	}
 	if b, err := afero.ReadFile(fsys, "out/copy"); err != nil || string(b) != "elf" {
 		t.Errorf("copy = %q, %v", b, err)
+	}
+}
+
+// Small files are written by parallel writers, large ones from the stream:
+// either way every manifest entry has the size and SHA-256 of the file on
+// disk, also after later layers replace, link and delete them.
+func TestLayersManifestMatchesTheFiles(t *testing.T) {
+	var first, second []tarEntry
+	for i := range 200 {
+		first = append(first, file(in(fmt.Sprintf("agent/lib/f%03d", i)), strings.Repeat(fmt.Sprint(i), 100+i*50)))
+	}
+	big := strings.Repeat("0123456789abcdef", 300<<10/16)
+	first = append(first, file(in("agent/lib64/big.so"), big), file(in("agent/lib64/big2.so"), big+"2"))
+	for i := 0; i < 200; i += 7 {
+		second = append(second, file(in(fmt.Sprintf("agent/lib/f%03d", i)), "replaced "+fmt.Sprint(i)))
+	}
+	second = append(second,
+		tarEntry{name: in("agent/lib/link"), typ: tar.TypeLink, link: in("agent/lib/f001")},
+		whiteout(in("agent/lib/.wh.f002")),
+		file(in("agent/lib64/big.so"), big+"v2"))
+	root := t.TempDir()
+	fsys := afero.NewBasePathFs(afero.NewOsFs(), root)
+	res, err := applyLayers(t, fsys, extract.Limits{}, makeTar(t, first...), makeTar(t, second...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := 0
+	for _, e := range res.Entries {
+		if e.Type != "file" {
+			continue
+		}
+		files++
+		data, err := os.ReadFile(filepath.Join(root, "out", e.Path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(data)
+		if e.Size != int64(len(data)) || e.SHA256 != hex.EncodeToString(sum[:]) {
+			t.Errorf("%s: manifest says %d bytes sha256 %s, the file has %d bytes sha256 %x", e.Path, e.Size, e.SHA256, len(data), sum)
+		}
+	}
+	if want := 200 - 1 + 1 + 2; files != want {
+		t.Errorf("%d files in the manifest, want %d", files, want)
 	}
 }
