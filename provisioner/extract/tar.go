@@ -63,7 +63,6 @@ type Layers struct {
 	total   atomic.Int64 // bytes written into the tree
 	sawRoot bool
 	buf     []byte
-	writers *fileWriters // of the layer being applied
 }
 
 // NewLayers prepares destDir (which must not exist) for the tree found at
@@ -98,13 +97,6 @@ func (l *Layers) Apply(ctx context.Context, r io.Reader, compressedSize int64) e
 	}
 	tr := tar.NewReader(counted)
 	seen := map[string]bool{} // paths this layer wrote, for duplicates and opaque dirs
-	l.writers = newFileWriters(l)
-	closed := false
-	defer func() {
-		if !closed {
-			_ = l.writers.close()
-		}
-	}()
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -122,10 +114,6 @@ func (l *Layers) Apply(ctx context.Context, r io.Reader, compressedSize int64) e
 		if err := l.entry(tr, h, seen); err != nil {
 			return err
 		}
-	}
-	closed = true
-	if err := l.writers.close(); err != nil {
-		return err
 	}
 	// Read to the end: the caller's digest covers the whole stream.
 	if _, err := io.CopyBuffer(io.Discard, counted, l.buf); err != nil {
@@ -168,9 +156,6 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 		if base == opaqueWhiteout {
 			target = dir
 		}
-		if err := l.writers.wait(); err != nil {
-			return err
-		}
 		return l.whiteout(target, base == opaqueWhiteout, seen)
 	}
 	rel, inside := l.relative(name)
@@ -197,13 +182,6 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 	seen[rel] = true
 	if err := l.checkParents(rel, name); err != nil {
 		return err
-	}
-	// Anything but a new file or a directory may touch a file still being
-	// written: wait for the writers first.
-	if n := l.nodes[rel]; h.Typeflag != tar.TypeDir && h.Typeflag != tar.TypeReg || n != nil && (h.Typeflag == tar.TypeReg || n.kind != "dir") {
-		if err := l.writers.wait(); err != nil {
-			return err
-		}
 	}
 	switch h.Typeflag {
 	case tar.TypeDir:
@@ -292,22 +270,6 @@ func (l *Layers) file(tr *tar.Reader, h *tar.Header, rel, name string) error {
 	}
 	perm := normalMode(h.Mode)
 	dst := l.path(rel)
-	if h.Size <= tarBufferedMax {
-		buf := l.writers.buffer(h.Size)
-		if _, err := io.ReadFull(countingReader{tr, &l.total, l.limits.MaxBytes}, buf); err != nil {
-			if errors.Is(err, io.EOF) {
-				err = io.ErrUnexpectedEOF
-			}
-			return l.streamError(err, "entry %s", name)
-		}
-		if err := l.writers.failed(); err != nil {
-			return err
-		}
-		n := &node{kind: "file", mode: uint32(perm), size: h.Size, layer: l.layer}
-		l.nodes[rel] = n
-		l.writers.submit(tarFile{dst: dst, name: name, perm: perm, data: buf, node: n})
-		return nil
-	}
 	f, err := l.fsys.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
 	if err != nil {
 		return fmt.Errorf("extract %s: %w", name, err)
