@@ -276,9 +276,8 @@ func TestLayersOnAMemoryFilesystem(t *testing.T) {
 	}
 }
 
-// Small files are written by parallel writers, large ones from the stream:
-// either way every manifest entry has the size and SHA-256 of the file on
-// disk, also after later layers replace, link and delete them.
+// Every manifest entry has the size and SHA-256 of the file on disk, small
+// or large, also after later layers replace, link and delete them.
 func TestLayersManifestMatchesTheFiles(t *testing.T) {
 	var first, second []tarEntry
 	for i := range 200 {

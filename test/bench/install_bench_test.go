@@ -159,7 +159,11 @@ func coldInstall(b *testing.B, tenant any, work string, cg *harness.MemoryCgroup
 		cmd = exec.Command(args[0], args[1:]...)
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = append(os.Environ(), "GOMAXPROCS=64")
+	procs := "64"
+	if p := os.Getenv("ONEAGENT_CSI_BENCH_GOMAXPROCS"); p != "" {
+		procs = p // e.g. the machine's own core count, to compare
+	}
+	cmd.Env = append(os.Environ(), "GOMAXPROCS="+procs)
 	unix.Sync()
 	disk := startDiskSampler(b, dataDir)
 	if err := cmd.Start(); err != nil {
