@@ -134,15 +134,12 @@ func (p *Provisioner) installStreamed(ctx context.Context, c *Client, key storag
 	if err := p.refused.sameArchive(tenant, key, dirDigest, p.opts.Now(), p.opts.RefusalBackoff); err != nil {
 		return storage.Artifact{}, err
 	}
-	if err := extract.CheckZipTail(tail, p.opts.Limits); err != nil {
+	dirStart, err := extract.CheckZipTail(tail, p.opts.Limits)
+	if err != nil {
 		if errors.Is(err, ErrBadArchive) {
 			return storage.Artifact{}, refuse(dirDigest, err)
 		}
 		return storage.Artifact{}, fmt.Errorf("tenant %q version %s: %w", tenant, key.Version, err)
-	}
-	dirStart, err := extract.ZipTailStart(tail, p.opts.Limits)
-	if err != nil {
-		return storage.Artifact{}, err
 	}
 	dirOnlySum := sha256.Sum256(tail.Data[dirStart-tail.Offset:])
 	stagePath := l.TmpEntry(randomName("install-") + ".d")

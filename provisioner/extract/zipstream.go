@@ -236,13 +236,13 @@ func ZipStream(ctx context.Context, fsys afero.Fs, destDir string, tail ZipTail,
 }
 
 // CheckZipTail checks every entry of the central directory in tail the way
-// ZipStream does before it reads any data: an error wrapping ErrBadArchive
-// is a verdict on the directory alone, the same for every archive with
-// these bytes at its end.
-func CheckZipTail(tail ZipTail, limits Limits) error {
+// ZipStream does before it reads any data, and returns where the directory
+// starts: an error wrapping ErrBadArchive is a verdict on the directory
+// alone, the same for every archive with these bytes at its end.
+func CheckZipTail(tail ZipTail, limits Limits) (int64, error) {
 	limits.Defaults()
-	_, _, err := planStream(tail, limits)
-	return err
+	_, dirStart, err := planStream(tail, limits)
+	return dirStart, err
 }
 
 // planStream checks the central directory in tail and returns the plan

@@ -5,11 +5,8 @@ import (
 
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -254,14 +251,7 @@ func extractLayerAlone(b *testing.B, tgz, work string) time.Duration {
 // its SHA-256, to nowhere: the image's "download alone".
 func downloadLayerAlone(b *testing.B, reg *registryproc.Registry, ref string, digest v1.Hash) time.Duration {
 	b.Helper()
-	ca, err := os.ReadFile(reg.CAFile)
-	if err != nil {
-		b.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(ca)
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	tr := reg.Transport(b)
 	d, err := name.NewDigest(ref[:strings.LastIndex(ref, ":")] + "@" + digest.String())
 	if err != nil {
 		b.Fatal(err)

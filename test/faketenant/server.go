@@ -411,6 +411,19 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// openModule opens version's ZIP, or answers 500 and returns false.
+func (s *Server) openModule(w http.ResponseWriter, version string) (*os.File, bool) {
+	p, err := s.ModulePath(version)
+	if err == nil {
+		var f *os.File
+		if f, err = os.Open(p); err == nil {
+			return f, true
+		}
+	}
+	http.Error(w, err.Error(), http.StatusInternalServerError)
+	return nil, false
+}
+
 // serveRange answers a range of a version's ZIP (http.ServeContent's
 // handling of Range, If-Range and 416).
 func (s *Server) serveRange(w http.ResponseWriter, r *http.Request, version string, versions []string) {
@@ -418,14 +431,8 @@ func (s *Server) serveRange(w http.ResponseWriter, r *http.Request, version stri
 		http.Error(w, `{"error":{"code":404,"message":"version not found"}}`, http.StatusNotFound)
 		return
 	}
-	p, err := s.ModulePath(version)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
-		return
-	}
-	f, err := os.Open(p)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
+	f, ok := s.openModule(w, version)
+	if !ok {
 		return
 	}
 	defer f.Close()
@@ -434,25 +441,15 @@ func (s *Server) serveRange(w http.ResponseWriter, r *http.Request, version stri
 }
 
 func (s *Server) serveDownload(w http.ResponseWriter, r *http.Request, version string, versions []string, fault *Fault) {
-	known := false
-	for _, v := range versions {
-		known = known || v == version
-	}
-	if !known {
+	if !slices.Contains(versions, version) {
 		http.Error(w, `{"error":{"code":404,"message":"version not found"}}`, http.StatusNotFound)
 		return
 	}
 	if fault != nil && fault.Kind == FaultOtherArchive {
 		version = fault.Version
 	}
-	p, err := s.ModulePath(version)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
-		return
-	}
-	f, err := os.Open(p)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusInternalServerError)
+	f, ok := s.openModule(w, version)
+	if !ok {
 		return
 	}
 	defer f.Close()

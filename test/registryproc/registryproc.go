@@ -271,9 +271,8 @@ func writePKI(t testing.TB, dir, caFile string) (string, string) {
 	return crt, keyPath
 }
 
-// Push writes img to this registry as repo:tag with user's credentials,
-// over TLS verified by the registry's CA, and returns its digest.
-func (r *Registry) Push(t testing.TB, user, pass, repo, tag string, img v1.Image) string {
+// Transport is an HTTP transport that trusts the registry's CA.
+func (r *Registry) Transport(t testing.TB) *http.Transport {
 	t.Helper()
 	ca, err := os.ReadFile(r.CAFile)
 	if err != nil {
@@ -283,6 +282,14 @@ func (r *Registry) Push(t testing.TB, user, pass, repo, tag string, img v1.Image
 	pool.AppendCertsFromPEM(ca)
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	return tr
+}
+
+// Push writes img to this registry as repo:tag with user's credentials,
+// over TLS verified by the registry's CA, and returns its digest.
+func (r *Registry) Push(t testing.TB, user, pass, repo, tag string, img v1.Image) string {
+	t.Helper()
+	tr := r.Transport(t)
 	ref, err := name.NewTag(r.Host + "/" + repo + ":" + tag)
 	if err != nil {
 		t.Fatal(err)
