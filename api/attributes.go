@@ -14,6 +14,10 @@ type VolumeAttributes struct {
 	Version      string
 	RetryTimeout time.Duration
 	Writable     bool
+	// Containers are the app containers whose container.conf the driver
+	// writes into the volume (AttrContainers); empty when an init
+	// container writes it.
+	Containers []Container
 
 	PodName        string
 	PodNamespace   string
@@ -61,6 +65,11 @@ func ParseVolumeAttributes(ctx map[string]string) (VolumeAttributes, error) {
 		PodUID:         ctx[PodUIDKey],
 		ServiceAccount: ctx[ServiceAccountKey],
 	}
+	// Parsed first and kept even when another attribute is invalid: a
+	// volume that fails open still serves the containers' configuration,
+	// which their subPath mounts need to exist.
+	var containersErr error
+	a.Containers, containersErr = ParseContainers(ctx[AttrContainers])
 	if m, ok := ctx[AttrMode]; ok && m != "" {
 		switch Mode(m) {
 		case ModeApp, ModeHost:
@@ -114,6 +123,12 @@ func ParseVolumeAttributes(ctx map[string]string) (VolumeAttributes, error) {
 			return a, &FieldError{AttrWritable, v, "is not allowed with mode \"host\""}
 		}
 		a.Writable = b
+	}
+	if containersErr != nil {
+		return a, containersErr
+	}
+	if len(a.Containers) > 0 && a.Mode == ModeHost {
+		return a, &FieldError{AttrContainers, shorten(ctx[AttrContainers]), "is not allowed with mode \"host\""}
 	}
 	return a, nil
 }

@@ -2,6 +2,7 @@ package api
 
 import (
 	"errors"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -33,6 +34,11 @@ func TestParseVolumeAttributes(t *testing.T) {
 		{"negative timeout", map[string]string{"retryTimeout": "-1m"}, VolumeAttributes{}, AttrRetryTimeout},
 		{"bad writable", map[string]string{"writable": "yes"}, VolumeAttributes{}, AttrWritable},
 		{"writable host", map[string]string{"mode": "host", "writable": "true"}, VolumeAttributes{}, AttrWritable},
+		{"containers", map[string]string{"containers": "shop=registry.example.com/shop:1.2@sha256:abc,cart=cart"},
+			VolumeAttributes{Mode: ModeApp, RetryTimeout: DefaultRetryTimeout,
+				Containers: []Container{{"shop", "registry.example.com/shop:1.2@sha256:abc"}, {"cart", "cart"}}}, ""},
+		{"bad containers", map[string]string{"containers": "shop"}, VolumeAttributes{}, AttrContainers},
+		{"containers with host", map[string]string{"mode": "host", "containers": "shop=shop"}, VolumeAttributes{}, AttrContainers},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -44,7 +50,7 @@ func TestParseVolumeAttributes(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || got != tc.want {
+			if err != nil || !reflect.DeepEqual(got, tc.want) {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tc.want)
 			}
 		})

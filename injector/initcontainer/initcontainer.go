@@ -22,10 +22,7 @@ import (
 var ErrAgentMissing = errors.New("agent missing")
 
 // Container is an app container of the pod.
-type Container struct {
-	Name  string
-	Image string
-}
+type Container = api.Container
 
 // Options of one run. Pod fields come from the downward API.
 type Options struct {
@@ -54,6 +51,9 @@ func ParseContainer(s string) (Container, error) {
 	}
 	if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
 		return Container{}, fmt.Errorf("--container %q: name: %s", s, errs[0])
+	}
+	if !api.ValidImage(image) {
+		return Container{}, fmt.Errorf("--container %q: image must not contain spaces, control characters, ',' or '='", s)
 	}
 	return Container{Name: name, Image: image}, nil
 }
@@ -131,25 +131,13 @@ func writeContainerConf(o Options, c Container) error {
 			return fmt.Errorf("container %s: %w", c.Name, err)
 		}
 	}
-	var b strings.Builder
-	fmt.Fprintf(&b, "[container]\n")
-	for _, kv := range [][2]string{
-		{"containerName", c.Name},
-		{"imageName", c.Image},
-		{"k8s_fullpodname", o.PodName},
-		{"k8s_poduid", o.PodUID},
-		{"k8s_containername", c.Name},
-		{"k8s_namespace", o.Namespace},
-		{"k8s_node_name", o.NodeName},
-	} {
-		fmt.Fprintf(&b, "%s %s\n", kv[0], kv[1])
-	}
+	conf := api.ContainerConf(c, api.PodInfo{Name: o.PodName, UID: o.PodUID, Namespace: o.Namespace, NodeName: o.NodeName})
 	final := filepath.Join(dir, "container.conf")
 	tmp, err := os.CreateTemp(dir, ".container.conf-")
 	if err != nil {
 		return fmt.Errorf("container %s: %w", c.Name, err)
 	}
-	_, werr := tmp.WriteString(b.String())
+	_, werr := tmp.Write(conf)
 	cerr := tmp.Close()
 	if err := errors.Join(werr, cerr, os.Chmod(tmp.Name(), 0o644)); err != nil {
 		_ = os.Remove(tmp.Name())
