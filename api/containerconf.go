@@ -18,7 +18,7 @@ const (
 	AttrContainers = "containers"
 	// ContainerConfDir is the directory of the volume that holds one
 	// directory per listed container.
-	ContainerConfDir = ".oneagent-csi/containers"
+	ContainerConfDir = ".containers"
 	// ContainerConfMountPath is where an app container sees its
 	// container.conf: inside its oneagent-config slice, where the init
 	// container would have written it.

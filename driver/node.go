@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/spf13/afero"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -310,12 +311,18 @@ func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.V
 		return err
 	}
 	l := d.opts.Layout
-	lower := l.Abs(prep.LayerDir) + ":" + l.Abs(prep.ArtifactDir)
-	options := []string{"lowerdir=" + lower}
-	if r.attrs.Writable {
-		if err := d.makeWritableLayer(r); err != nil {
+	lowers := []string{l.Abs(prep.LayerDir), l.Abs(prep.ArtifactDir)}
+	ownLayers := r.attrs.Writable || len(r.attrs.Containers) > 0
+	if ownLayers {
+		if err := d.makeVolumeLayers(r, r.attrs.Writable); err != nil {
 			return err
 		}
+	}
+	if len(r.attrs.Containers) > 0 {
+		lowers = append([]string{l.Abs(l.VolumeContainers(r.volumeID))}, lowers...)
+	}
+	options := []string{"lowerdir=" + strings.Join(lowers, ":")}
+	if r.attrs.Writable {
 		options = append(options, "upperdir="+l.Abs(l.VolumeUpper(r.volumeID)), "workdir="+l.Abs(l.VolumeWork(r.volumeID)))
 	} else {
 		options = append(options, "ro")
@@ -327,8 +334,8 @@ func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.V
 		options = append(options, r.seLinuxContext)
 	}
 	if err := d.mountAt(r.target, "overlay", "overlay", options); err != nil {
-		if r.attrs.Writable {
-			d.removeWritableLayer(r.volumeID)
+		if ownLayers {
+			d.removeVolumeLayers(r.volumeID)
 		}
 		return err
 	}
@@ -342,16 +349,27 @@ func (d *Driver) publishApp(ctx context.Context, r publishRequest, rec storage.V
 	return nil
 }
 
-// makeWritableLayer makes volumes/<id>/ a tmpfs of the tenant's
-// writableSize holding the overlay's upper and work dirs: writes beyond the
-// cap fail with ENOSPC instead of filling the node's disk, and the pages
-// count against the writing pod's memory. On failure nothing is left.
-func (d *Driver) makeWritableLayer(r publishRequest) error {
+// containersLayerSize caps the tmpfs of a volume that holds only its
+// containers' configuration (at most api.MaxContainers files of a page).
+const containersLayerSize = 1 << 20
+
+// makeVolumeLayers makes volumes/<id>/ a tmpfs holding the volume's own
+// layers: with writable, the overlay's upper and work dirs, capped at the
+// tenant's writableSize, so that writes beyond the cap fail with ENOSPC
+// instead of filling the node's disk and the pages count against the
+// writing pod's memory; with containers listed, their container.conf files.
+// A tmpfs, not the data disk, so that a full disk never keeps a pod from
+// starting (the app containers' subPath mounts need these files). On
+// failure nothing is left.
+func (d *Driver) makeVolumeLayers(r publishRequest, writable bool) error {
 	l := d.opts.Layout
-	t, _ := d.opts.Provisioner.TenantConfig(r.attrs.Tenant)
-	size, err := writableSize(t)
-	if err != nil {
-		return err
+	size := int64(containersLayerSize)
+	if writable {
+		t, _ := d.opts.Provisioner.TenantConfig(r.attrs.Tenant)
+		var err error
+		if size, err = writableSize(t); err != nil {
+			return err
+		}
 	}
 	dir := l.Volume(r.volumeID)
 	if err := d.opts.Fs.MkdirAll(dir, 0o700); err != nil {
@@ -362,24 +380,57 @@ func (d *Driver) makeWritableLayer(r publishRequest) error {
 		return err
 	}
 	if !mounted {
-		opts := []string{fmt.Sprintf("size=%d", size), "mode=0755", "nodev", "nosuid"}
-		if err := d.opts.Mounter.Mount("oneagent-csi-writable", l.Abs(dir), "tmpfs", opts); err != nil {
+		opts := []string{fmt.Sprintf("size=%d", size), "mode=0755", "nodev", "nosuid", "noexec"}
+		if writable {
+			// The agent's files are executable; a writable upper layer
+			// must be able to hold copies of them.
+			opts = opts[:len(opts)-1]
+		}
+		if err := d.opts.Mounter.Mount("oneagent-csi-volume", l.Abs(dir), "tmpfs", opts); err != nil {
 			_ = d.opts.Fs.RemoveAll(dir)
-			return fmt.Errorf("mount the writable layer of %s: %w", r.volumeID, err)
+			return fmt.Errorf("mount the layers of %s: %w", r.volumeID, err)
 		}
 	}
-	for _, sub := range []string{l.VolumeUpper(r.volumeID), l.VolumeWork(r.volumeID)} {
+	var subs []string
+	if writable {
+		subs = append(subs, l.VolumeUpper(r.volumeID), l.VolumeWork(r.volumeID))
+	}
+	for _, sub := range subs {
 		if err := d.opts.Fs.MkdirAll(sub, 0o755); err != nil {
-			d.removeWritableLayer(r.volumeID)
+			d.removeVolumeLayers(r.volumeID)
 			return fmt.Errorf("create %s: %w", sub, err)
+		}
+	}
+	if err := d.writeContainerConfs(r); err != nil {
+		d.removeVolumeLayers(r.volumeID)
+		return err
+	}
+	return nil
+}
+
+// writeContainerConfs writes the container.conf of every container the
+// volume lists (api.ContainerConfRelativePath under VolumeContainers).
+func (d *Driver) writeContainerConfs(r publishRequest) error {
+	if len(r.attrs.Containers) == 0 {
+		return nil
+	}
+	pod := api.PodInfo{Name: r.attrs.PodName, UID: r.attrs.PodUID, Namespace: r.attrs.PodNamespace, NodeName: d.opts.NodeID}
+	base := d.opts.Layout.VolumeContainers(r.volumeID)
+	for _, c := range r.attrs.Containers {
+		file := filepath.Join(base, api.ContainerConfRelativePath(c.Name))
+		if err := d.opts.Fs.MkdirAll(filepath.Dir(file), 0o755); err != nil {
+			return fmt.Errorf("container %s: %w", c.Name, err)
+		}
+		if err := afero.WriteFile(d.opts.Fs, file, api.ContainerConf(c, pod), 0o644); err != nil {
+			return fmt.Errorf("container %s: write container.conf: %w", c.Name, err)
 		}
 	}
 	return nil
 }
 
-// removeWritableLayer unmounts a volume's writable layer and removes its dir;
-// it is not an error when there is none.
-func (d *Driver) removeWritableLayer(volumeID string) {
+// removeVolumeLayers unmounts a volume's own layers and removes their dir;
+// it is not an error when there are none.
+func (d *Driver) removeVolumeLayers(volumeID string) {
 	dir := d.opts.Layout.Volume(volumeID)
 	_ = d.opts.Mounter.Unmount(d.opts.Layout.Abs(dir))
 	_ = d.opts.Fs.RemoveAll(dir)
@@ -441,8 +492,22 @@ func (d *Driver) publishHost(ctx context.Context, r publishRequest, rec storage.
 // agent: after retryTimeout of failed attempts, or at once for what no retry
 // can fix.
 func (d *Driver) failOpen(ctx context.Context, r publishRequest, rec storage.Volume, cause error, reason string, waited time.Duration) error {
-	if err := d.mountAt(r.target, d.opts.Layout.Abs(d.opts.Layout.Empty()), "", []string{"bind", "ro", "nodev", "nosuid"}); err != nil {
-		return err
+	l := d.opts.Layout
+	if len(r.attrs.Containers) == 0 {
+		if err := d.mountAt(r.target, l.Abs(l.Empty()), "", []string{"bind", "ro", "nodev", "nosuid"}); err != nil {
+			return err
+		}
+	} else {
+		// Without the agent, but with the containers' configuration: their
+		// subPath mounts of it must find a file, or they cannot start.
+		if err := d.makeVolumeLayers(r, false); err != nil {
+			return fmt.Errorf("fail open: %w", err)
+		}
+		lower := l.Abs(l.VolumeContainers(r.volumeID)) + ":" + l.Abs(l.Empty())
+		if err := d.mountAt(r.target, "overlay", "overlay", []string{"lowerdir=" + lower, "ro", "nodev", "nosuid"}); err != nil {
+			d.removeVolumeLayers(r.volumeID)
+			return err
+		}
 	}
 	d.metrics.failOpen.WithLabelValues(reason).Inc()
 	rec.State, rec.PublishedAt = storage.VolumeFailedOpen, d.opts.Now()

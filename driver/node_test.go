@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/mount-utils"
 
+	"github.com/oneagent-csi/oneagent-csi/api"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
 )
@@ -489,5 +490,79 @@ func TestProbeAndReady(t *testing.T) {
 	f.idx.Close()
 	if err := f.d.Ready(); err == nil {
 		t.Fatal("ready with a closed index")
+	}
+}
+
+func TestPublishServesContainerConfiguration(t *testing.T) {
+	tests := []struct {
+		name     string
+		attrs    map[string]string
+		provErr  error
+		failOpen bool
+		lowerTop string
+	}{
+		{"served with the agent", nil, nil, false, "/var/lib/oneagent-csi/volumes/v-c/containers:"},
+		{"failed open at once", nil, fmt.Errorf("tenant %q is not configured: %w", "prod", provisioner.ErrUnknownTenant), true,
+			"/var/lib/oneagent-csi/volumes/v-c/containers:/var/lib/oneagent-csi/empty"},
+		{"failed open on a bad attribute", map[string]string{"retryTimeout": "soon"}, nil, true, "/var/lib/oneagent-csi/volumes/v-c/containers:/var/lib/oneagent-csi/empty"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newUnit(t)
+			f.prov.err = tc.provErr
+			target := f.target("c")
+			attrs := map[string]string{"containers": "shop=nginx:1.27,cart=cart:2", "csi.storage.k8s.io/pod.uid": "uid-c"}
+			for k, v := range tc.attrs {
+				attrs[k] = v
+			}
+			if _, err := f.d.NodePublishVolume(context.Background(), request("v-c", target, attrs)); err != nil {
+				t.Fatal(err)
+			}
+			mps, _ := f.mounter.List()
+			if len(mps) != 2 || mps[0].Type != "tmpfs" || mps[0].Path != "/var/lib/oneagent-csi/volumes/v-c" ||
+				!slices.Contains(mps[0].Opts, "size=1048576") || !slices.Contains(mps[0].Opts, "noexec") {
+				t.Fatalf("mounts = %+v; want the volume's layers as a 1 MiB tmpfs, then the overlay", mps)
+			}
+			opts := strings.Join(mps[1].Opts, ",")
+			if mps[1].Type != "overlay" || !strings.Contains(opts, "lowerdir="+tc.lowerTop) || !strings.Contains(","+opts+",", ",ro,") {
+				t.Fatalf("overlay options %q, want lowerdir starting %s, read-only", opts, tc.lowerTop)
+			}
+			conf, err := afero.ReadFile(f.fs, "volumes/v-c/containers/"+api.ContainerConfRelativePath("cart"))
+			want := "[container]\ncontainerName cart\nimageName cart:2\nk8s_fullpodname p\nk8s_poduid uid-c\n" +
+				"k8s_containername cart\nk8s_namespace ns\nk8s_node_name n1\n"
+			if err != nil || string(conf) != want {
+				t.Fatalf("container.conf of cart: %v\n%s", err, conf)
+			}
+			if ok, _ := afero.Exists(f.fs, "volumes/v-c/containers/"+api.ContainerConfRelativePath("shop")); !ok {
+				t.Fatal("no container.conf for shop")
+			}
+			rec, _ := f.idx.GetVolume("v-c")
+			if got := rec.State == storage.VolumeFailedOpen; got != tc.failOpen {
+				t.Fatalf("record state %s, want failed open %v", rec.State, tc.failOpen)
+			}
+			if _, err := f.d.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: "v-c", TargetPath: target}); err != nil {
+				t.Fatal(err)
+			}
+			if mps, _ := f.mounter.List(); len(mps) != 0 {
+				t.Errorf("mounts left after unpublish: %+v", mps)
+			}
+			if ok, _ := afero.DirExists(f.fs, "volumes/v-c"); ok {
+				t.Error("per-volume dir left after unpublish")
+			}
+		})
+	}
+}
+
+func TestPublishWithoutContainersHasNoVolumeLayer(t *testing.T) {
+	f := newUnit(t)
+	if _, err := f.d.NodePublishVolume(context.Background(), request("v-n", f.target("n"), nil)); err != nil {
+		t.Fatal(err)
+	}
+	mps, _ := f.mounter.List()
+	if len(mps) != 1 || mps[0].Type != "overlay" {
+		t.Fatalf("mounts = %+v, want the overlay alone", mps)
+	}
+	if ok, _ := afero.DirExists(f.fs, "volumes/v-n"); ok {
+		t.Error("per-volume dir created for a volume without own layers")
 	}
 }

@@ -14,17 +14,18 @@ import (
 
 // Directory names below the data dir (DESIGN §3).
 const (
-	indexFile       = "index.db"
-	artifactsDir    = "artifacts"
-	tenantsDir      = "tenants"
-	hostDir         = "host"
-	volumesDir      = "volumes"
-	tmpDir          = "tmp"
-	emptyDir        = "empty"
-	manifestName    = ".oneagent-csi-manifest"
-	treeName        = "tree"
-	volumeUpperName = "upper"
-	volumeWorkName  = "work"
+	indexFile            = "index.db"
+	artifactsDir         = "artifacts"
+	tenantsDir           = "tenants"
+	hostDir              = "host"
+	volumesDir           = "volumes"
+	tmpDir               = "tmp"
+	emptyDir             = "empty"
+	manifestName         = ".oneagent-csi-manifest"
+	treeName             = "tree"
+	volumeUpperName      = "upper"
+	volumeWorkName       = "work"
+	volumeContainersName = "containers"
 )
 
 var (
@@ -100,10 +101,12 @@ func (l Layout) Host(tenant string) string { return filepath.Join(hostDir, tenan
 // HostDir holds the host-mode storage of every tenant.
 func (l Layout) HostDir() string { return hostDir }
 
-// VolumesDir holds per-volume writable layers.
+// VolumesDir holds per-volume layers (writable upper dirs, container
+// configuration), each on a tmpfs of its own.
 func (l Layout) VolumesDir() string { return volumesDir }
 
-// Volume is the directory of a writable volume's upper and work dirs.
+// Volume is the directory of a volume's own layers: a writable volume's
+// upper and work dirs, and the containers' configuration.
 func (l Layout) Volume(volumeID string) string {
 	return filepath.Join(volumesDir, VolumeDirName(volumeID))
 }
@@ -111,6 +114,12 @@ func (l Layout) Volume(volumeID string) string {
 // VolumeUpper is the overlay upperdir of a writable volume.
 func (l Layout) VolumeUpper(volumeID string) string {
 	return filepath.Join(l.Volume(volumeID), volumeUpperName)
+}
+
+// VolumeContainers is the overlay lowerdir that holds the container.conf
+// files the driver writes for a volume's containers (api.AttrContainers).
+func (l Layout) VolumeContainers(volumeID string) string {
+	return filepath.Join(l.Volume(volumeID), volumeContainersName)
 }
 
 // VolumeWork is the overlay workdir of a writable volume.

@@ -186,6 +186,9 @@ type ourMount struct {
 	layerRev   string
 	upperDir   string
 	failedOpen bool
+	// volumeDir is the name of the volumes/ dir whose layers (upper dir,
+	// containers' configuration) the mount uses, if any.
+	volumeDir string
 }
 
 func reconcile(idx *Index, o *ReconcileOptions, rep *ReconcileReport) error {
@@ -328,10 +331,10 @@ func reconcile(idx *Index, o *ReconcileOptions, rep *ReconcileReport) error {
 			rep.VolumesDropped++
 		}
 		targets := tx.Bucket(bucketTargets)
-		uppers := map[string]bool{}
+		inUse := map[string]bool{}
 		for target, m := range found {
-			if m.upperDir != "" {
-				uppers[m.upperDir] = true
+			if m.volumeDir != "" {
+				inUse[m.volumeDir] = true
 			}
 			if id := targets.Get([]byte(target)); id != nil && vols.Get(id) != nil {
 				continue
@@ -350,7 +353,7 @@ func reconcile(idx *Index, o *ReconcileOptions, rep *ReconcileReport) error {
 			}
 			rep.VolumesAdopted++
 		}
-		// Writable volume dirs that no mount uses and no record refers to.
+		// Volume dirs that no mount uses and no record refers to.
 		dirs, err := afero.ReadDir(fs, l.VolumesDir())
 		if err != nil {
 			return err
@@ -366,10 +369,10 @@ func reconcile(idx *Index, o *ReconcileOptions, rep *ReconcileReport) error {
 			return err
 		}
 		for _, d := range dirs {
-			if referenced[d.Name()] || uppers[filepath.Join(l.Abs(l.VolumesDir()), d.Name(), volumeUpperName)] {
+			if referenced[d.Name()] || inUse[d.Name()] {
 				continue
 			}
-			// A writable layer is a tmpfs on the dir: detach it first.
+			// A volume's layers are a tmpfs on the dir: detach it first.
 			_ = o.Unmount(filepath.Join(l.Abs(l.VolumesDir()), d.Name()))
 			if err := fs.RemoveAll(filepath.Join(l.VolumesDir(), d.Name())); err != nil {
 				return err
@@ -408,6 +411,7 @@ func findOurMounts(l Layout, mounts []mount.MountInfo) map[string]ourMount {
 	out := map[string]ourMount{}
 	artPrefix := l.Abs(l.ArtifactsDir()) + "/"
 	layerPrefix := l.Abs(l.TenantsDir()) + "/"
+	volumePrefix := l.Abs(l.VolumesDir()) + "/"
 	root := l.Root()
 	// Bind mounts show the source as a path inside its filesystem (Root), so
 	// find where the data dir lives inside its own filesystem.
@@ -430,7 +434,10 @@ func findOurMounts(l Layout, mounts []mount.MountInfo) map[string]ourMount {
 				continue
 			}
 			var om ourMount
-			for _, dir := range strings.Split(lower, ":") {
+			for _, dir := range append(strings.Split(lower, ":"), upper) {
+				if rest, ok := strings.CutPrefix(dir, volumePrefix); ok {
+					om.volumeDir = strings.SplitN(rest, "/", 2)[0]
+				}
 				if rest, ok := strings.CutPrefix(dir, artPrefix); ok {
 					om.artifactID = strings.SplitN(rest, "/", 2)[0]
 				}

@@ -205,3 +205,45 @@ func TestOpenDetachesMountsInTmpBeforeWiping(t *testing.T) {
 		t.Fatalf("detached %v, want %v", detached, want)
 	}
 }
+
+// A volume whose record is lost still uses its own layers (the containers'
+// configuration, an upper dir): reconcile adopts the mount and keeps them.
+func TestReconcileKeepsTheLayersOfMountedVolumes(t *testing.T) {
+	root := t.TempDir()
+	l, _ := NewLayout(root)
+	fs := afero.NewBasePathFs(afero.NewOsFs(), root)
+	writeArtifact(t, fs, l, idA)
+	for _, id := range []string{"served", "failed", "orphan"} {
+		file := filepath.Join(l.VolumeContainers(id), api.ContainerConfRelativePath("shop"))
+		if err := fs.MkdirAll(filepath.Dir(file), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := afero.WriteFile(fs, file, []byte("[container]\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mounts := []mount.MountInfo{
+		{MountPoint: "/", Root: "/", Major: 8, Minor: 1, FsType: "ext4"},
+		{MountPoint: "/pods/served/mount", FsType: "overlay", SuperOptions: []string{"ro",
+			"lowerdir=" + l.Abs(l.VolumeContainers("served")) + ":" + l.Abs("tenants/prod/r1-x") + ":" + l.Abs(l.Artifact(idA))}},
+		{MountPoint: "/pods/failed/mount", FsType: "overlay", SuperOptions: []string{"ro",
+			"lowerdir=" + l.Abs(l.VolumeContainers("failed")) + ":" + l.Abs(l.Empty())}},
+	}
+	idx, rep, err := Open(ReconcileOptions{Layout: l, Fs: fs, MountInfo: func() ([]mount.MountInfo, error) { return mounts, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idx.Close()
+	if rep.VolumesAdopted != 2 || rep.VolumeDirsRemoved != 1 {
+		t.Errorf("report %+v, want 2 adopted and the orphan's dir removed", rep)
+	}
+	for id, want := range map[string]bool{"served": true, "failed": true, "orphan": false} {
+		if ok, _ := afero.DirExists(fs, l.VolumeContainers(id)); ok != want {
+			t.Errorf("layers of %s kept = %v, want %v", id, ok, want)
+		}
+	}
+	failed, err := idx.VolumeByTarget("/pods/failed/mount")
+	if err != nil || failed.State != VolumeFailedOpen {
+		t.Errorf("fail-open overlay not adopted as failed open: %+v, %v", failed, err)
+	}
+}

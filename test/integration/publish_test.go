@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/mount-utils"
 
+	"github.com/oneagent-csi/oneagent-csi/api"
 	"github.com/oneagent-csi/oneagent-csi/driver"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/storage"
@@ -469,5 +470,67 @@ func TestSymlinkTargetIsNeverFollowed(t *testing.T) {
 	}
 	if _, err := os.Lstat(target); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("the symlink is still there: %v", err)
+	}
+}
+
+// A volume that lists its pod's containers serves each one's container.conf
+// at api.ContainerConfRelativePath, whether it serves the agent or fails open
+// (the app containers' subPath mounts of the file must always find it), from
+// a tmpfs of its own that unpublish removes.
+func TestContainerConfigurationIsServedWithTheVolume(t *testing.T) {
+	harness.RequireRoot(t)
+	n := harness.Start(t, harness.Config{})
+	ctx := harness.Ctx(t)
+	tests := []struct {
+		name  string
+		attrs map[string]string
+		agent bool
+	}{
+		{"with the agent", nil, true},
+		{"failed open", map[string]string{"dynakube": "prdo"}, false},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			id := fmt.Sprintf("vol-conf-%d", i)
+			target := harness.Target(n.TargetRoot, id)
+			attrs := map[string]string{api.AttrContainers: "shop=registry.example.com/shop:1.0,cart=cart:2"}
+			for k, v := range tc.attrs {
+				attrs[k] = v
+			}
+			if _, err := n.Node.NodePublishVolume(ctx, harness.PublishRequest(id, target, attrs)); err != nil {
+				t.Fatal(err)
+			}
+			conf, err := os.ReadFile(filepath.Join(target, api.ContainerConfRelativePath("shop")))
+			want := "[container]\ncontainerName shop\nimageName registry.example.com/shop:1.0\nk8s_fullpodname app-" + id +
+				"\nk8s_poduid uid-" + id + "\nk8s_containername shop\nk8s_namespace default\nk8s_node_name test-node\n"
+			if err != nil || string(conf) != want {
+				t.Fatalf("container.conf of shop at the target: %v\n%s", err, conf)
+			}
+			if _, err := os.Stat(filepath.Join(target, api.ContainerConfRelativePath("cart"))); err != nil {
+				t.Fatal(err)
+			}
+			_, err = os.Stat(filepath.Join(target, api.AgentLibraryRelativePath))
+			if got := err == nil; got != tc.agent {
+				t.Fatalf("agent library at the target: %v, want present=%v", err, tc.agent)
+			}
+			for _, p := range []string{filepath.Join(target, api.ContainerConfRelativePath("shop")), filepath.Join(target, "x")} {
+				if err := os.WriteFile(p, nil, 0o644); !errors.Is(err, syscall.EROFS) {
+					t.Fatalf("write %s: %v, want EROFS", p, err)
+				}
+			}
+			layer := n.Layout.Abs(n.Layout.Volume(id))
+			if m, ok := mountOf(t, layer); !ok || m.FsType != "tmpfs" {
+				t.Fatalf("the volume's layers are not on a tmpfs: %+v", m)
+			}
+			if _, err := n.Node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := mountOf(t, layer); ok {
+				t.Fatal("the volume's tmpfs is still mounted after unpublish")
+			}
+			if _, err := os.Stat(layer); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("per-volume dir left behind: %v", err)
+			}
+		})
 	}
 }

@@ -37,6 +37,12 @@ var kinds = []volume{
 	{name: "host-rw", attrs: map[string]string{"mode": "host"}},
 	// An invalid attribute fails open at once: an empty read-only dir.
 	{name: "failopen", attrs: map[string]string{"version": "newest"}, readOnly: true},
+	// The containers' configuration is one more lower layer, also when the
+	// volume fails open.
+	{name: "app-conf", attrs: map[string]string{"containers": "shop=shop:1"}, readOnly: true, fstype: "overlay",
+		probe: ".containers/shop/container.conf"},
+	{name: "failopen-conf", attrs: map[string]string{"containers": "shop=shop:1", "version": "newest"}, readOnly: true,
+		fstype: "overlay", probe: ".containers/shop/container.conf"},
 }
 
 // mountsAt returns the mounts at target in this (the host's) mount namespace.
