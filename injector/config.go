@@ -30,6 +30,28 @@ const (
 // FailurePolicyAnnotation lets a pod choose its own failure policy.
 const FailurePolicyAnnotation = "oneagent.dynatrace.com/failure-policy"
 
+// ContainerConfig says who writes the app containers' container.conf.
+type ContainerConfig string
+
+const (
+	// ContainerConfigInit: the init container dynatrace-oneagent-init
+	// writes it into the oneagent-config emptyDir (the default, DESIGN §5).
+	ContainerConfigInit ContainerConfig = "init"
+	// ContainerConfigDriver: the CSI driver writes it into the agent volume
+	// (the containers are listed in the volume attribute "containers") and
+	// every app container mounts its own by subPath. The pod has no init
+	// container of ours, so it starts faster; it needs every node's driver
+	// to be of a version that serves the file (README, "Container
+	// configuration from the driver"). Pods whose failure policy is fail,
+	// with more than api.MaxContainers app containers, or with an image
+	// reference the attribute cannot carry, get the init container.
+	ContainerConfigDriver ContainerConfig = "driver"
+)
+
+// ContainerConfigAnnotation lets a pod choose who writes its containers'
+// container.conf.
+const ContainerConfigAnnotation = "oneagent.dynatrace.com/container-config"
+
 // Config is the injector's configuration file (YAML). Every field has a
 // default; an empty file is a valid configuration.
 type Config struct {
@@ -80,6 +102,11 @@ type Config struct {
 	// Default silent. Pods may override it with the annotation
 	// oneagent.dynatrace.com/failure-policy.
 	FailurePolicy FailurePolicy `json:"failurePolicy,omitempty"`
+	// ContainerConfig says who writes the app containers' container.conf:
+	// init (the init container) or driver (the CSI driver, no init
+	// container). Default init. Pods may override it with the annotation
+	// oneagent.dynatrace.com/container-config.
+	ContainerConfig ContainerConfig `json:"containerConfig,omitempty"`
 	// EnvoyMetrics, when true, points Dynatrace's Prometheus scraping of
 	// meshed pods at Istio's merged metrics endpoint. Default false.
 	EnvoyMetrics bool `json:"envoyMetrics,omitempty"`
@@ -187,6 +214,9 @@ func (c *Config) Complete() error {
 	if c.FailurePolicy == "" {
 		c.FailurePolicy = FailureSilent
 	}
+	if c.ContainerConfig == "" {
+		c.ContainerConfig = ContainerConfigInit
+	}
 	switch {
 	case c.InitImage == "":
 		return fmt.Errorf("initImage: required (the oneagent-csi image the init container runs)")
@@ -204,6 +234,8 @@ func (c *Config) Complete() error {
 		return fmt.Errorf("initUser: %d is not allowed (non-negative, and never Istio's proxy uid 1337)", c.InitUser)
 	case c.FailurePolicy != FailureSilent && c.FailurePolicy != FailureFail:
 		return fmt.Errorf("failurePolicy: %q is not silent or fail", c.FailurePolicy)
+	case c.ContainerConfig != ContainerConfigInit && c.ContainerConfig != ContainerConfigDriver:
+		return fmt.Errorf("containerConfig: %q is not init or driver", c.ContainerConfig)
 	}
 	for _, ns := range c.IgnoredNamespaces {
 		if errs := validation.IsDNS1123Label(ns); len(errs) > 0 {

@@ -59,6 +59,9 @@ type Result struct {
 	Containers []string
 	// Skipped are app containers left alone, with the reason for each.
 	Skipped map[string]string
+	// ContainerConfig is who writes the containers' container.conf in the
+	// injected pod.
+	ContainerConfig ContainerConfig
 }
 
 // Mutate returns a copy of pod wired for the code module, or the pod itself
@@ -125,6 +128,10 @@ func Mutate(pod *corev1.Pod, req Request, cfg *Config) (*corev1.Pod, Result) {
 	if policy != FailureSilent && policy != FailureFail {
 		return notInjected("annotation %s: %s is not silent or fail", FailurePolicyAnnotation, quoteShort(string(policy)))
 	}
+	confBy := ContainerConfig(firstNonEmpty(ann[ContainerConfigAnnotation], string(cfg.ContainerConfig)))
+	if confBy != ContainerConfigInit && confBy != ContainerConfigDriver {
+		return notInjected("annotation %s: %s is not init or driver", ContainerConfigAnnotation, quoteShort(string(confBy)))
+	}
 
 	res := Result{Skipped: map[string]string{}}
 	var apps []int
@@ -148,15 +155,26 @@ func Mutate(pod *corev1.Pod, req Request, cfg *Config) (*corev1.Pod, Result) {
 		return notInjected("no app container to inject (%s)", strings.Join(names, "; "))
 	}
 
-	out.Spec.Volumes = append(out.Spec.Volumes, agentVolume(cfg, tenant, version), configVolume(cfg))
-	var targets []string
+	var targets []api.Container
 	for _, i := range apps {
 		c := &out.Spec.Containers[i]
-		injectContainer(c, cfg)
-		res.Containers = append(res.Containers, c.Name)
-		targets = append(targets, c.Name+"="+c.Image)
+		targets = append(targets, api.Container{Name: c.Name, Image: c.Image})
 	}
-	placeInit(out, initContainer(out, cfg, policy, targets))
+	confBy = containerConfigFor(confBy, policy, targets)
+	vol := agentVolume(cfg, tenant, version)
+	if confBy == ContainerConfigDriver {
+		vol.CSI.VolumeAttributes[api.AttrContainers] = api.FormatContainers(targets)
+	}
+	out.Spec.Volumes = append(out.Spec.Volumes, vol, configVolume(cfg))
+	for _, i := range apps {
+		c := &out.Spec.Containers[i]
+		injectContainer(c, cfg, confBy)
+		res.Containers = append(res.Containers, c.Name)
+	}
+	res.ContainerConfig = confBy
+	if confBy == ContainerConfigInit {
+		placeInit(out, initContainer(out, cfg, policy, targets))
+	}
 	delete(out.Annotations, api.ReasonAnnotation)
 	setAnnotation(out, api.InjectedAnnotation, "true")
 	if cfg.EnvoyMetrics {
@@ -239,12 +257,35 @@ func configVolume(cfg *Config) corev1.Volume {
 	return corev1.Volume{Name: api.ConfigVolumeName, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{SizeLimit: &q}}}
 }
 
+// containerConfigFor decides who writes the containers' container.conf:
+// the driver only when asked to and able to. The init container is what
+// stops a pod whose failure policy is fail, and the volume attribute holds
+// at most api.MaxContainers entries of images it can carry.
+func containerConfigFor(asked ContainerConfig, policy FailurePolicy, targets []api.Container) ContainerConfig {
+	if asked != ContainerConfigDriver || policy == FailureFail || len(targets) > api.MaxContainers {
+		return ContainerConfigInit
+	}
+	for _, t := range targets {
+		if !api.ValidImage(t.Image) {
+			return ContainerConfigInit
+		}
+	}
+	return ContainerConfigDriver
+}
+
 // injectContainer adds the mounts and environment to one app container.
-func injectContainer(c *corev1.Container, cfg *Config) {
+func injectContainer(c *corev1.Container, cfg *Config, confBy ContainerConfig) {
 	c.VolumeMounts = append(c.VolumeMounts,
 		corev1.VolumeMount{Name: api.AgentVolumeName, MountPath: cfg.InstallPath, ReadOnly: true},
 		corev1.VolumeMount{Name: api.ConfigVolumeName, MountPath: api.ConfigMountPath, SubPath: c.Name},
 	)
+	if confBy == ContainerConfigDriver {
+		// The driver writes the file into the volume; kubelet mounts it
+		// over the spot in the container's writable slice where the init
+		// container would have written it.
+		c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: api.AgentVolumeName,
+			MountPath: api.ContainerConfMountPath, SubPath: api.ContainerConfRelativePath(c.Name), ReadOnly: true})
+	}
 	// What the user wrote stays where it is: LD_PRELOAD gets our library
 	// appended in place (once), and a DT_DEPLOYMENT_METADATA of the user's
 	// own is kept as it is.
@@ -299,14 +340,14 @@ func appendPreload(value, lib string) string {
 
 func isPreloadSep(r rune) bool { return r == ' ' || r == ':' || r == '\t' }
 
-func initContainer(pod *corev1.Pod, cfg *Config, policy FailurePolicy, targets []string) corev1.Container {
+func initContainer(pod *corev1.Pod, cfg *Config, policy FailurePolicy, targets []api.Container) corev1.Container {
 	args := []string{"init",
 		"--install-path=" + cfg.InstallPath,
 		"--config-dir=" + InitConfigMountPath,
 		"--failure-policy=" + string(policy),
 	}
 	for _, t := range targets {
-		args = append(args, "--container="+t)
+		args = append(args, "--container="+t.Name+"="+t.Image)
 	}
 	// Fields the API server would default are set as it sets them, so that
 	// a reinvocation on the stored pod finds nothing to change.

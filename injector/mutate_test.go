@@ -2,6 +2,7 @@ package injector
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -144,22 +145,34 @@ func checkInjected(t *testing.T, p *corev1.Pod, cfg *Config, apps ...string) {
 	if conf == nil || conf.EmptyDir == nil {
 		t.Errorf("config volume = %+v", conf)
 	}
+	listed := agent.CSI.VolumeAttributes[api.AttrContainers]
 	ic := container(p, api.InitContainerName)
-	if ic == nil {
+	switch {
+	case listed != "" && ic != nil:
+		t.Fatal("an init container although the driver writes container.conf")
+	case listed == "" && ic == nil:
 		t.Fatal("no init container")
+	case ic != nil:
+		sc := ic.SecurityContext
+		if sc == nil || !ptr.Deref(sc.ReadOnlyRootFilesystem, false) || ptr.Deref(sc.AllowPrivilegeEscalation, true) ||
+			ptr.Deref(sc.Privileged, true) || !ptr.Deref(sc.RunAsNonRoot, false) || ptr.Deref(sc.RunAsUser, 0) == 1337 ||
+			ptr.Deref(sc.RunAsGroup, 0) == 1337 || ic.LivenessProbe != nil || ic.ReadinessProbe != nil || len(ic.Ports) != 0 {
+			t.Errorf("init container security = %+v", ic)
+		}
 	}
-	sc := ic.SecurityContext
-	if sc == nil || !ptr.Deref(sc.ReadOnlyRootFilesystem, false) || ptr.Deref(sc.AllowPrivilegeEscalation, true) ||
-		ptr.Deref(sc.Privileged, true) || !ptr.Deref(sc.RunAsNonRoot, false) || ptr.Deref(sc.RunAsUser, 0) == 1337 ||
-		ptr.Deref(sc.RunAsGroup, 0) == 1337 || ic.LivenessProbe != nil || ic.ReadinessProbe != nil || len(ic.Ports) != 0 {
-		t.Errorf("init container security = %+v", ic)
+	listedContainers, err := api.ParseContainers(listed)
+	if err != nil {
+		t.Errorf("containers attribute: %v", err)
+	}
+	if listed != "" && len(listedContainers) != len(apps) {
+		t.Errorf("containers attribute %q, want the app containers %v", listed, apps)
 	}
 	for _, name := range apps {
 		c := container(p, name)
 		if c == nil {
 			t.Fatalf("no container %s", name)
 		}
-		var agentMount, confMount int
+		var agentMount, confMount, confFile int
 		for _, m := range c.VolumeMounts {
 			if m.Name == api.AgentVolumeName && m.MountPath == cfg.InstallPath && m.ReadOnly {
 				agentMount++
@@ -167,8 +180,16 @@ func checkInjected(t *testing.T, p *corev1.Pod, cfg *Config, apps ...string) {
 			if m.Name == api.ConfigVolumeName && m.MountPath == api.ConfigMountPath && m.SubPath == name && !m.ReadOnly {
 				confMount++
 			}
+			if m.Name == api.AgentVolumeName && m.MountPath == api.ContainerConfMountPath && m.ReadOnly &&
+				m.SubPath == api.ContainerConfRelativePath(name) {
+				confFile++
+			}
 		}
-		if agentMount != 1 || confMount != 1 {
+		wantFile := 0
+		if listed != "" {
+			wantFile = 1
+		}
+		if agentMount != 1 || confMount != 1 || confFile != wantFile {
 			t.Errorf("%s: mounts = %+v", name, c.VolumeMounts)
 		}
 		pre, n := envOf(c, LDPreloadEnv)
@@ -178,8 +199,11 @@ func checkInjected(t *testing.T, p *corev1.Pod, cfg *Config, apps ...string) {
 		if md, n := envOf(c, DeploymentMetadataEnv); n != 1 || !strings.Contains(md, "orchestration_tech=oneagent-csi") {
 			t.Errorf("%s: %s = %q", name, DeploymentMetadataEnv, md)
 		}
-		if !slices.Contains(ic.Args, "--container="+name+"="+c.Image) {
+		if ic != nil && !slices.Contains(ic.Args, "--container="+name+"="+c.Image) {
 			t.Errorf("init args %v do not name %s", ic.Args, name)
+		}
+		if listed != "" && !slices.Contains(listedContainers, api.Container{Name: name, Image: c.Image}) {
+			t.Errorf("containers attribute %q does not name %s=%s", listed, name, c.Image)
 		}
 	}
 }
@@ -491,7 +515,14 @@ func TestShortDuration(t *testing.T) {
 }
 
 func TestMutateIstioFixtures(t *testing.T) {
-	cfg := testConfig(t, func(c *Config) { c.EnvoyMetrics = true })
+	for _, by := range []ContainerConfig{ContainerConfigInit, ContainerConfigDriver} {
+		t.Run(string(by), func(t *testing.T) {
+			testMutateIstioFixtures(t, testConfig(t, func(c *Config) { c.EnvoyMetrics, c.ContainerConfig = true, by }))
+		})
+	}
+}
+
+func testMutateIstioFixtures(t *testing.T, cfg *Config) {
 	tests := []struct {
 		file string
 		// init containers after our run, by name
@@ -518,8 +549,12 @@ func TestMutateIstioFixtures(t *testing.T) {
 				t.Fatalf("result = %+v", res)
 			}
 			checkInjected(t, out, cfg, "myapp")
-			if got := initNames(out); !reflect.DeepEqual(got, tc.inits) {
-				t.Errorf("init containers = %v, want %v", got, tc.inits)
+			wantInits := tc.inits
+			if cfg.ContainerConfig == ContainerConfigDriver {
+				wantInits = slices.DeleteFunc(slices.Clone(wantInits), func(n string) bool { return n == api.InitContainerName })
+			}
+			if got := initNames(out); !reflect.DeepEqual(got, wantInits) {
+				t.Errorf("init containers = %v, want %v", got, wantInits)
 			}
 			if !reflect.DeepEqual(istioParts(t, in), istioParts(t, out)) {
 				t.Errorf("Istio's parts changed")
@@ -553,7 +588,14 @@ func TestMutateIstioFixtures(t *testing.T) {
 // re-invokes ours because reinvocationPolicy is IfNeeded): the pods must be
 // identical.
 func TestMutateOrderIndependent(t *testing.T) {
-	cfg := testConfig(t)
+	for _, by := range []ContainerConfig{ContainerConfigInit, ContainerConfigDriver} {
+		t.Run(string(by), func(t *testing.T) {
+			testMutateOrderIndependent(t, testConfig(t, func(c *Config) { c.ContainerConfig = by }))
+		})
+	}
+}
+
+func testMutateOrderIndependent(t *testing.T, cfg *Config) {
 	for _, pair := range [][2]string{
 		{"a-classic-sidecar.yaml", "e-dynatrace-then-istio-classic.yaml"},
 		{"b-native-sidecar.yaml", "e-dynatrace-then-istio-native.yaml"},
@@ -568,6 +610,118 @@ func TestMutateOrderIndependent(t *testing.T) {
 			b, _ := Mutate(oursFirst, Request{Namespace: "demo"}, cfg)
 			if ja, jb := mustJSON(t, a), mustJSON(t, b); string(ja) != string(jb) {
 				t.Fatalf("results differ by order\nistio first: %s\nours first:  %s", ja, jb)
+			}
+		})
+	}
+}
+
+func TestMutateContainerConfig(t *testing.T) {
+	twoApps := func(p *corev1.Pod) {
+		p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: "cart", Image: "example/cart@sha256:ab"},
+			corev1.Container{Name: "istio-proxy", Image: "istio/proxyv2:1.24.0"})
+	}
+	tests := []struct {
+		name       string
+		config     ContainerConfig
+		annotation map[string]string
+		want       ContainerConfig
+		attr       string
+		reason     string
+	}{
+		{"default is the init container", "", nil, ContainerConfigInit, "", ""},
+		{"driver by config", ContainerConfigDriver, nil, ContainerConfigDriver, "app=example/app:1.0,cart=example/cart@sha256:ab", ""},
+		{"driver by annotation", ContainerConfigInit, map[string]string{ContainerConfigAnnotation: "driver"}, ContainerConfigDriver,
+			"app=example/app:1.0,cart=example/cart@sha256:ab", ""},
+		{"init by annotation", ContainerConfigDriver, map[string]string{ContainerConfigAnnotation: "init"}, ContainerConfigInit, "", ""},
+		{"failure policy fail needs the init container", ContainerConfigDriver, map[string]string{FailurePolicyAnnotation: "fail"},
+			ContainerConfigInit, "", ""},
+		{"bad annotation", ContainerConfigDriver, map[string]string{ContainerConfigAnnotation: "sidecar"}, "", "",
+			`annotation oneagent.dynatrace.com/container-config: "sidecar" is not init or driver`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(t, func(c *Config) { c.ContainerConfig = tc.config })
+			pod := appPod(twoApps, func(p *corev1.Pod) {
+				for k, v := range tc.annotation {
+					p.Annotations[k] = v
+				}
+			})
+			out, res := Mutate(pod, Request{Namespace: "shop"}, cfg)
+			if tc.reason != "" {
+				if res.Injected || out.Annotations[api.ReasonAnnotation] != tc.reason {
+					t.Fatalf("result %+v, reason %q; want not injected: %s", res, out.Annotations[api.ReasonAnnotation], tc.reason)
+				}
+				return
+			}
+			if !res.Injected || res.ContainerConfig != tc.want {
+				t.Fatalf("result %+v, want injected with container config %s", res, tc.want)
+			}
+			checkInjected(t, out, cfg, "app", "cart")
+			var attr string
+			for _, v := range out.Spec.Volumes {
+				if v.Name == api.AgentVolumeName {
+					attr = v.CSI.VolumeAttributes[api.AttrContainers]
+				}
+			}
+			if attr != tc.attr {
+				t.Errorf("containers attribute %q, want %q", attr, tc.attr)
+			}
+			checkPatch(t, pod, out)
+			again, _ := Mutate(out, Request{Namespace: "shop"}, cfg)
+			if !reflect.DeepEqual(mustJSON(t, again), mustJSON(t, out)) {
+				t.Errorf("second run changed the pod")
+			}
+		})
+	}
+	// A pod injected one way and re-invoked after the config changed ends
+	// up exactly as if it had been injected the new way.
+	for _, from := range []ContainerConfig{ContainerConfigInit, ContainerConfigDriver} {
+		to := ContainerConfigDriver
+		if from == to {
+			to = ContainerConfigInit
+		}
+		t.Run("re-invoked from "+string(from)+" to "+string(to), func(t *testing.T) {
+			first, _ := Mutate(appPod(twoApps), Request{Namespace: "shop"}, testConfig(t, func(c *Config) { c.ContainerConfig = from }))
+			cfg := testConfig(t, func(c *Config) { c.ContainerConfig = to })
+			switched, _ := Mutate(first, Request{Namespace: "shop"}, cfg)
+			direct, _ := Mutate(appPod(twoApps), Request{Namespace: "shop"}, cfg)
+			if a, b := mustJSON(t, switched), mustJSON(t, direct); string(a) != string(b) {
+				t.Fatalf("switched:\n%s\ndirect:\n%s", a, b)
+			}
+			checkPatch(t, first, switched)
+		})
+	}
+	t.Run("config value", func(t *testing.T) {
+		c := Config{InitImage: "x", ContainerConfig: "sidecar"}
+		if err := c.Complete(); err == nil || !strings.Contains(err.Error(), "containerConfig") {
+			t.Fatalf("err = %v, want one naming containerConfig", err)
+		}
+	})
+}
+
+func TestContainerConfigFor(t *testing.T) {
+	many := make([]api.Container, api.MaxContainers+1)
+	for i := range many {
+		many[i] = api.Container{Name: fmt.Sprintf("c%d", i), Image: "img"}
+	}
+	ok := []api.Container{{Name: "app", Image: "example/app:1"}}
+	tests := []struct {
+		name    string
+		asked   ContainerConfig
+		policy  FailurePolicy
+		targets []api.Container
+		want    ContainerConfig
+	}{
+		{"driver", ContainerConfigDriver, FailureSilent, ok, ContainerConfigDriver},
+		{"init", ContainerConfigInit, FailureSilent, ok, ContainerConfigInit},
+		{"fail policy", ContainerConfigDriver, FailureFail, ok, ContainerConfigInit},
+		{"too many containers", ContainerConfigDriver, FailureSilent, many, ContainerConfigInit},
+		{"image the attribute cannot carry", ContainerConfigDriver, FailureSilent, []api.Container{{Name: "app", Image: "a,b"}}, ContainerConfigInit},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := containerConfigFor(tc.asked, tc.policy, tc.targets); got != tc.want {
+				t.Fatalf("got %s, want %s", got, tc.want)
 			}
 		})
 	}

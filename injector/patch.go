@@ -84,6 +84,15 @@ func diffStruct(ops *[]operation, path string, a, b reflect.Value) error {
 	for _, f := range structFields(a.Type()) {
 		i, name, omitEmpty, omitZero := f.index, f.name, f.omitEmpty, f.omitZero
 		fa, fb := a.Field(i), b.Field(i)
+		if f.inline {
+			// An embedded struct without a JSON name (Volume's
+			// VolumeSource): encoding/json writes its fields into the
+			// enclosing object.
+			if err := diffStruct(ops, path, fa, fb); err != nil {
+				return err
+			}
+			continue
+		}
 		p := path + "/" + escapePointer(name)
 		inA, inB := present(fa, omitEmpty, omitZero), present(fb, omitEmpty, omitZero)
 		// Maps and slices are compared entry by entry below; everything
@@ -238,6 +247,9 @@ type field struct {
 	index               int
 	name                string
 	omitEmpty, omitZero bool
+	// inline: an embedded struct whose fields encoding/json writes into
+	// the enclosing object.
+	inline bool
 }
 
 var fieldCache sync.Map // reflect.Type → []field
@@ -249,8 +261,15 @@ func structFields(t reflect.Type) []field {
 	}
 	var fields []field
 	for i := range t.NumField() {
-		if name, omitEmpty, omitZero, ok := jsonField(t.Field(i)); ok {
-			fields = append(fields, field{i, name, omitEmpty, omitZero})
+		f := t.Field(i)
+		if f.Anonymous && f.Type.Kind() == reflect.Struct {
+			if name, _, _ := strings.Cut(f.Tag.Get("json"), ","); name == "" && f.Tag.Get("json") != "-" {
+				fields = append(fields, field{index: i, inline: true})
+				continue
+			}
+		}
+		if name, omitEmpty, omitZero, ok := jsonField(f); ok {
+			fields = append(fields, field{index: i, name: name, omitEmpty: omitEmpty, omitZero: omitZero})
 		}
 	}
 	fieldCache.Store(t, fields)

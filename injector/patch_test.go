@@ -43,6 +43,12 @@ func TestCreatePatch(t *testing.T) {
 			p.Spec.Containers[0].SecurityContext = &corev1.SecurityContext{RunAsNonRoot: ptr.To(true)}
 		}, 2},
 		{"volumes cleared", func(p *corev1.Pod) { p.Spec.Volumes = nil }, 1},
+		// VolumeSource is embedded without a JSON name: its fields are the
+		// volume's own in the encoded pod (a re-injection that changes the
+		// agent volume's attributes).
+		{"volume source changed in place", func(p *corev1.Pod) {
+			p.Spec.Volumes[0].CSI = &corev1.CSIVolumeSource{Driver: "d", VolumeAttributes: map[string]string{"containers": "app=a"}}
+		}, 1},
 		{"scalar spec field", func(p *corev1.Pod) { p.Spec.NodeName = "n1"; p.Spec.HostNetwork = true }, 2},
 	}
 	for _, tc := range tests {

@@ -195,7 +195,7 @@ func (s *Server) serveAdmission(namespaceOptIn bool) http.HandlerFunc {
 		}
 		if res.Injected {
 			result = resultInjected
-			klog.V(2).InfoS("injected", "pod", podRef, "containers", res.Containers, "skipped", res.Skipped)
+			klog.V(2).InfoS("injected", "pod", podRef, "containers", res.Containers, "containerConfig", res.ContainerConfig, "skipped", res.Skipped)
 		} else {
 			result = resultNotInjected
 			klog.InfoS("not injected", "pod", podRef, "reason", res.Reason)
