@@ -27,7 +27,9 @@ type startTimes struct{ running, output []time.Duration }
 // client polling) and to the app's first output line (the container log's
 // own timestamp). The baseline is the uninjected burst in the same
 // iteration; a third burst of uninjected pods with a trivial init container
-// of their own shows what an init container costs by itself. The order
+// of their own shows what an init container costs by itself, and a fourth
+// of injected pods with container-config: driver (no init container, the
+// driver serves container.conf) what injection costs without one. The order
 // rotates between iterations.
 func BenchmarkPodStart(b *testing.B) {
 	if env.skipReason != "" {
@@ -36,13 +38,14 @@ func BenchmarkPodStart(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	const pods = 20
-	for ns, labels := range map[string]map[string]string{"start-injected": {api.InjectLabel: "true"}, "start-plain": nil, "start-init": nil} {
+	for ns, labels := range map[string]map[string]string{"start-injected": {api.InjectLabel: "true"}, "start-plain": nil, "start-init": nil,
+		"start-driver": {api.InjectLabel: "true"}} {
 		if err := env.c.EnsureNamespace(ctx, ns, labels); err != nil {
 			b.Fatal(err)
 		}
 	}
 	// Warm: the module is installed and the image unpacked before timing.
-	spaces := []string{"start-plain", "start-injected", "start-init"}
+	spaces := []string{"start-plain", "start-injected", "start-init", "start-driver"}
 	for _, ns := range spaces {
 		burst(ctx, b, ns, 1)
 	}
@@ -60,7 +63,7 @@ func BenchmarkPodStart(b *testing.B) {
 		}
 	}
 	b.StopTimer()
-	injected, plain, withInit := *times["start-injected"], *times["start-plain"], *times["start-init"]
+	injected, plain, withInit, driver := *times["start-injected"], *times["start-plain"], *times["start-init"], *times["start-driver"]
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	b.ReportMetric(ms(mean(plain.running)), "ms-running-plain")
 	b.ReportMetric(ms(mean(injected.running)), "ms-running-injected")
@@ -71,6 +74,11 @@ func BenchmarkPodStart(b *testing.B) {
 	b.ReportMetric(mean(injected.output).Seconds()/mean(plain.output).Seconds(), "output-injected/plain")
 	b.ReportMetric(ms(mean(withInit.running)), "ms-running-own-init")
 	b.ReportMetric(mean(withInit.running).Seconds()/mean(plain.running).Seconds(), "running-own-init/plain")
+	b.ReportMetric(ms(mean(driver.running)), "ms-running-driver-conf")
+	b.ReportMetric(mean(driver.running).Seconds()/mean(plain.running).Seconds(), "running-driver-conf/plain")
+	b.ReportMetric(ms(pct(driver.running, 95)), "ms-running-driver-conf-p95")
+	b.ReportMetric(ms(mean(driver.output)), "ms-output-driver-conf")
+	b.ReportMetric(mean(driver.output).Seconds()/mean(plain.output).Seconds(), "output-driver-conf/plain")
 }
 
 // burst creates n app pods in ns at once, waits until all run and have
@@ -85,7 +93,11 @@ func burst(ctx context.Context, b *testing.B, ns string, n int) startTimes {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			p := appPod(ns, nil)
+			var ann map[string]string
+			if ns == "start-driver" {
+				ann = map[string]string{"oneagent.dynatrace.com/container-config": "driver"}
+			}
+			p := appPod(ns, ann)
 			if ns == "start-init" {
 				p.Spec.InitContainers = []corev1.Container{{Name: "prepare", Image: cluster.AppImage, ImagePullPolicy: corev1.PullNever,
 					Command: []string{"/bin/sh", "-c", "true"}}}

@@ -341,3 +341,71 @@ func containerPID(t *testing.T, containerID string) string {
 }
 
 var mountOptions = cluster.MountOptions
+
+// TestContainerConfigFromTheDriver: with the pod annotation
+// container-config: driver the pod has no init container; kubelet mounts
+// each app container's container.conf from the CSI volume by subPath, with
+// the agent and when the volume fails open (a tenant the node does not
+// know), and the pods start either way.
+func TestContainerConfigFromTheDriver(t *testing.T) {
+	ctx := setup(t)
+	if err := env.c.EnsureNamespace(ctx, "noinit", map[string]string{api.InjectLabel: "true"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		tenant string
+		agent  bool
+	}{
+		{"with the agent", "", true},
+		{"failed open", "prdo", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ann := map[string]string{"oneagent.dynatrace.com/container-config": "driver"}
+			if tc.tenant != "" {
+				ann[api.TenantAnnotation] = tc.tenant
+			}
+			created, err := env.c.Client.CoreV1().Pods("noinit").Create(ctx, appPod("noinit", ann), metav1.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if created.Annotations[api.InjectedAnnotation] != "true" || len(created.Spec.InitContainers) != 0 {
+				t.Fatalf("pod not injected without an init container: annotations %v, init containers %+v",
+					created.Annotations, created.Spec.InitContainers)
+			}
+			pod := waitRunning(ctx, t, "noinit", created.Name)
+			var appID string
+			for _, cs := range pod.Status.ContainerStatuses {
+				if cs.Name == "shop" {
+					appID = cs.ContainerID
+				}
+			}
+			root := filepath.Join("/proc", containerPID(t, appID), "root")
+			conf, err := os.ReadFile(filepath.Join(root, api.ContainerConfMountPath))
+			for _, want := range []string{"containerName shop\n", "k8s_fullpodname " + pod.Name + "\n", "k8s_poduid " + string(pod.UID) + "\n",
+				"k8s_namespace noinit\n", "k8s_node_name " + cluster.NodeName + "\n", "imageName " + cluster.AppImage + "\n"} {
+				if err != nil || !strings.Contains(string(conf), want) {
+					t.Fatalf("container.conf in the app container: %v\n%s\nwant a line %q", err, conf, want)
+				}
+			}
+			_, err = os.Stat(filepath.Join(root, api.AgentMountPath, api.AgentLibraryRelativePath))
+			if got := err == nil; got != tc.agent {
+				t.Fatalf("agent library in the app container: %v, want present=%v", err, tc.agent)
+			}
+			if tc.agent {
+				slice := filepath.Join(env.c.KubeletRoot, "pods", string(pod.UID), "volumes", "kubernetes.io~empty-dir", api.ConfigVolumeName, "shop")
+				var markers []byte
+				if err := cluster.Poll(ctx, 30*time.Second, "markers", func() bool {
+					markers, _ = os.ReadFile(filepath.Join(slice, "loaded"))
+					return strings.Contains(string(markers), "argv0=sleep")
+				}); err != nil {
+					t.Fatalf("%v: markers %q", err, markers)
+				}
+			}
+			deletePod(ctx, t, "noinit", pod.Name)
+			if left, _ := os.ReadDir(filepath.Join(env.dataDir, "volumes")); len(left) != 0 {
+				t.Fatalf("volume layers left after the pod was deleted: %v", left)
+			}
+		})
+	}
+}
