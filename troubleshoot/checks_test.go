@@ -244,6 +244,22 @@ func TestNamespaceAndIstioChecks(t *testing.T) {
 			s.Pods = []corev1.Pod{p}
 			s.NodeVolumes = map[string][]storage.Volume{"n1": {{PodUID: "uid-a", State: storage.VolumePending}}}
 		}, "pod-volume", Warning},
+		{"container config from the driver", func(s *Snapshot) {
+			p := pod("a", injected)
+			p.Spec.Volumes = []corev1.Volume{{Name: api.AgentVolumeName, VolumeSource: corev1.VolumeSource{CSI: &corev1.CSIVolumeSource{
+				VolumeAttributes: map[string]string{api.AttrContainers: "app=app:1"}}}}}
+			s.Pods = []corev1.Pod{p}
+		}, "pod-container-config", OK},
+		{"container config from a driver too old", func(s *Snapshot) {
+			p := pod("a", injected)
+			p.Spec.NodeName = "n1"
+			p.Spec.Volumes = []corev1.Volume{{Name: api.AgentVolumeName, VolumeSource: corev1.VolumeSource{CSI: &corev1.CSIVolumeSource{
+				VolumeAttributes: map[string]string{api.AttrContainers: "app=app:1"}}}}}
+			p.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: "app", State: corev1.ContainerState{Waiting: &corev1.ContainerStateWaiting{
+				Reason: "CreateContainerConfigError", Message: `failed to create subPath directory for volumeMount "oneagent" of container "app"`}}}}
+			s.Pods = []corev1.Pod{p}
+		}, "pod-container-config", Failure},
+		{"container config by the init container", func(s *Snapshot) { s.Pods = []corev1.Pod{pod("a", injected)} }, "pod-container-config", ""},
 		{"envoy metrics missing", func(s *Snapshot) {
 			p := pod("a", injected)
 			p.Spec.Containers = []corev1.Container{{Name: "app"}, {Name: "istio-proxy"}}

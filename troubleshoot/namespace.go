@@ -81,6 +81,9 @@ func checkPod(s Snapshot, p corev1.Pod, optedIn bool) []Result {
 		}
 	}
 	if p.Annotations[api.InjectedAnnotation] == "true" {
+		if r, checked := checkContainerConf(p); checked {
+			rs = append(rs, r)
+		}
 		if r, checked := checkVolume(s, p); checked {
 			rs = append(rs, r)
 		}
@@ -90,6 +93,33 @@ func checkPod(s Snapshot, p corev1.Pod, optedIn bool) []Result {
 		}
 	}
 	return rs
+}
+
+// checkContainerConf finds app containers of a pod injected with
+// containerConfig: driver that kubelet cannot create because the agent
+// volume has no container.conf for them: the node's driver is older than
+// that mode.
+func checkContainerConf(p corev1.Pod) (Result, bool) {
+	listed := false
+	for _, v := range p.Spec.Volumes {
+		if v.Name == api.AgentVolumeName && v.CSI != nil && v.CSI.VolumeAttributes[api.AttrContainers] != "" {
+			listed = true
+		}
+	}
+	if !listed {
+		return Result{}, false
+	}
+	subject := p.Namespace + "/" + p.Name
+	for _, cs := range p.Status.ContainerStatuses {
+		if w := cs.State.Waiting; w != nil && w.Reason == "CreateContainerConfigError" && strings.Contains(w.Message, "subPath") &&
+			strings.Contains(w.Message, "\""+api.AgentVolumeName+"\"") {
+			return fail("pod-container-config", subject, fmt.Sprintf("container %s cannot start: the agent volume holds no container.conf for it "+
+				"(the driver on %s predates containerConfig: driver)", cs.Name, p.Spec.NodeName),
+				"upgrade the driver DaemonSet on "+p.Spec.NodeName+" (or annotate the pod "+
+					"oneagent.dynatrace.com/container-config: init), then recreate the pod"), true
+		}
+	}
+	return ok("pod-container-config", subject, "container.conf served by the driver (no init container)"), true
 }
 
 // checkVolume reports the driver's record of p's agent volume on its node:
