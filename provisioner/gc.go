@@ -487,7 +487,7 @@ func (p *Provisioner) currentVersion(tenant string) string {
 // sweepRecords removes records (and per-volume dirs) of volumes whose target
 // is no longer mounted: published ones after OrphanGrace, pending ones after
 // pendingGrace. A per-volume dir that a mounted overlay still uses as its
-// upper dir (wherever it is mounted) is kept. It returns the records that
+// upper dir or lower layer (wherever it is mounted) is kept. It returns the records that
 // remain.
 func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []storage.Volume, mounted, upperInUse map[string]bool, now time.Time, dryRun bool) ([]storage.Volume, error) {
 	kept := vols[:0:0]
@@ -518,7 +518,8 @@ func (p *Provisioner) sweepRecords(ctx context.Context, rep *GCReport, vols []st
 	return kept, nil
 }
 
-// sweepVolumeDirs removes per-volume dirs (writable layers) that no record
+// sweepVolumeDirs removes per-volume dirs (writable layers, containers'
+// configuration) that no record
 // refers to and no overlay uses, once they are older than OrphanGrace.
 func (p *Provisioner) sweepVolumeDirs(ctx context.Context, rep *GCReport, vols []storage.Volume, used map[string]bool, now time.Time, dryRun bool) error {
 	l, fsys := p.opts.Layout, p.opts.Fs

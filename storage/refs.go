@@ -18,7 +18,8 @@ type MountRefs struct {
 	// Targets are the mount points that serve something of this data dir.
 	Targets map[string]bool
 	// VolumeDirs are the per-volume dirs (names under volumes/) that an
-	// overlay uses as its upper dir.
+	// overlay uses as its upper dir or as a lower layer (the containers'
+	// configuration).
 	VolumeDirs map[string]bool
 }
 
@@ -51,6 +52,9 @@ func FindMountRefs(l Layout, mounts []mount.MountInfo) MountRefs {
 				if lower, ok := strings.CutPrefix(o, "lowerdir="); ok {
 					for _, dir := range strings.Split(lower, ":") {
 						note(dir, m.MountPoint, artPrefix, layerPrefix)
+						if rest, ok := strings.CutPrefix(dir, volPrefix); ok {
+							refs.VolumeDirs[strings.SplitN(rest, "/", 2)[0]] = true
+						}
 					}
 				}
 				if upper, ok := strings.CutPrefix(o, "upperdir="); ok {
