@@ -88,9 +88,9 @@ func TestRunRejectsBadOptions(t *testing.T) {
 		opts Options
 		want string
 	}{
-		{"policy", Options{FailurePolicy: "maybe", Containers: []Container{{"a", "i"}}}, "--failure-policy"},
+		{"policy", Options{FailurePolicy: "maybe", Containers: []Container{{Name: "a", Image: "i"}}}, "--failure-policy"},
 		{"no containers", Options{}, "--container"},
-		{"container name with a slash", Options{Containers: []Container{{"../x", "i"}}}, `"../x"`},
+		{"container name with a slash", Options{Containers: []Container{{Name: "../x", Image: "i"}}}, `"../x"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.opts.ConfigDir, tc.opts.Out = t.TempDir(), &bytes.Buffer{}
