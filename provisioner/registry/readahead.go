@@ -5,13 +5,21 @@ import (
 	"sync"
 )
 
-// Read-ahead of a decompressed layer: one goroutine decompresses while the
-// tree writes the files of what it decompressed before, as `crane export |
-// tar -x` runs in two processes. A tar stream is sequential; this is the
-// parallelism it has.
+// Read-ahead between the stages of a layer's install: one goroutine
+// receives (TLS, digests) while another decompresses what arrived before,
+// and that one runs ahead of the tree writing the files, as `crane export |
+// tar -x` runs in two processes. A tar stream is sequential; pipelining its
+// stages is the parallelism it has.
+//
+// Sizes: the decompressed stage holds more (a tree write can stall on the
+// disk for a while); the received stage only smooths TLS records into
+// what gunzip reads. Both count in the node's RSS (README, Memory).
 const (
 	readAheadChunk  = 128 << 10
 	readAheadChunks = 4
+
+	receivedChunk  = 64 << 10
+	receivedChunks = 3
 )
 
 type chunk struct {
@@ -19,8 +27,8 @@ type chunk struct {
 	err error
 }
 
-// readAhead reads r in a goroutine, at most readAheadChunks chunks ahead
-// of its reader, and returns r's bytes and then r's error as they came.
+// readAhead reads r in a goroutine, at most a number of chunks ahead of
+// its reader, and returns r's bytes and then r's error as they came.
 // Close stops the goroutine and waits for it: r is not read once Close
 // returns.
 type readAhead struct {
@@ -35,10 +43,12 @@ type readAhead struct {
 	err error
 }
 
-func newReadAhead(r io.Reader) *readAhead {
-	ra := &readAhead{chunks: make(chan chunk, readAheadChunks), free: make(chan []byte, readAheadChunks+1), stop: make(chan struct{})}
-	for range readAheadChunks + 1 {
-		ra.free <- make([]byte, readAheadChunk)
+// newReadAhead starts reading r into chunks of chunkSize bytes, at most
+// ahead chunks ahead (and one more being filled).
+func newReadAhead(r io.Reader, chunkSize, ahead int) *readAhead {
+	ra := &readAhead{chunks: make(chan chunk, ahead), free: make(chan []byte, ahead+1), stop: make(chan struct{})}
+	for range ahead + 1 {
+		ra.free <- make([]byte, chunkSize)
 	}
 	ra.done.Add(1)
 	go func() {

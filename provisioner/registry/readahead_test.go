@@ -29,7 +29,7 @@ func TestReadAhead(t *testing.T) {
 		{"error at once", iotest.ErrReader(broken), nil, broken},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ra := newReadAhead(tc.r)
+			ra := newReadAhead(tc.r, readAheadChunk, readAheadChunks)
 			defer ra.Close()
 			got, err := io.ReadAll(iotest.OneByteReader(io.LimitReader(ra, 1<<30)))
 			if !errors.Is(err, tc.wantErr) {
@@ -50,16 +50,16 @@ func (c *countingReader) Read(p []byte) (int, error) { c.reads++; return len(p),
 // After Close the source is not read any more (the caller reads it next).
 func TestReadAheadCloseStopsReading(t *testing.T) {
 	src := &countingReader{}
-	ra := newReadAhead(src)
+	ra := newReadAhead(src, receivedChunk, receivedChunks)
 	if _, err := io.ReadFull(ra, make([]byte, 10)); err != nil {
 		t.Fatal(err)
 	}
 	ra.Close()
 	reads := src.reads
-	if reads > readAheadChunks+2 {
+	if reads > receivedChunks+2 {
 		t.Errorf("%d reads: more than the read-ahead allows", reads)
 	}
-	if _, err := ra.Read(make([]byte, readAheadChunk*(readAheadChunks+2))); err == nil && src.reads != reads {
+	if _, err := ra.Read(make([]byte, receivedChunk*(receivedChunks+2))); err == nil && src.reads != reads {
 		t.Errorf("source read after Close: %d -> %d", reads, src.reads)
 	}
 	if src.reads != reads {

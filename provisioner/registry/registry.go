@@ -301,14 +301,19 @@ func applyLayer(ctx context.Context, tree Tree, layer v1.Layer, desc v1.Descript
 		return fmt.Errorf("%w: layer %d digest %s: only sha256 is supported", extract.ErrBadArchive, index, desc.Digest)
 	}
 	hr := &hashingReader{r: io.LimitReader(rc, desc.Size+1), h: sha256.New()}
+	// Three stages, each in its own goroutine: the transfer (TLS and
+	// both digests) reads ahead of the decompression, which reads ahead of
+	// the tree's writes.
+	raw := newReadAhead(hr, receivedChunk, receivedChunks)
 	decompress, _ := decompressorFor(desc.MediaType)
-	plain, closeFn, derr := decompress(hr)
+	plain, closeFn, derr := decompress(raw)
 	if derr == nil {
-		ahead := newReadAhead(plain)
+		ahead := newReadAhead(plain, readAheadChunk, readAheadChunks)
 		err = tree.Apply(ctx, ahead, desc.Size)
-		ahead.Close() // before hr is read below
+		ahead.Close()
 		closeFn()
 	}
+	raw.Close() // before hr is read below; what it read ahead is hashed already
 	// Read to the end (bounded by the declared size) so that the digest
 	// covers the whole blob, whatever the tree did with it.
 	if _, cerr := io.Copy(io.Discard, hr); cerr != nil && err == nil && derr == nil {
