@@ -138,6 +138,32 @@ func TestTroubleshoot(t *testing.T) {
 		}
 		kubectl(t, "-n", apps, "delete", "deployment", "lost", "--wait")
 	})
+	t.Run("container.conf missing: the driver predates containerConfig driver", func(t *testing.T) {
+		// What a node still on an older driver does to a pod injected with
+		// containerConfig: driver: its volume holds no container.conf for
+		// the container, and kubelet cannot create the subPath in the
+		// read-only volume. Written by hand in a namespace the webhook never
+		// sees, as the injector would write it, with a containers attribute
+		// that names another container.
+		const ns, name = "kube-public", "oldconf"
+		d := appDeployment(name, ns)
+		tmpl := d["spec"].(map[string]any)["template"].(map[string]any)
+		tmpl["metadata"].(map[string]any)["annotations"] = map[string]any{api.InjectedAnnotation: "true"}
+		spec := tmpl["spec"].(map[string]any)
+		spec["volumes"] = []any{map[string]any{"name": api.AgentVolumeName, "csi": map[string]any{
+			"driver": api.DefaultDriverName, "readOnly": true,
+			"volumeAttributes": map[string]any{api.AttrContainers: "other=" + cluster.AppImage},
+		}}}
+		c := spec["containers"].([]any)[0].(map[string]any)
+		c["volumeMounts"] = []any{map[string]any{"name": api.AgentVolumeName, "mountPath": api.ContainerConfMountPath,
+			"subPath": api.ContainerConfRelativePath(name), "readOnly": true}}
+		applyObjects(t, d)
+		defer kubectl(t, "-n", ns, "delete", "deployment", name, "--wait")
+		r := expect(ctx, t, "pod-container-config", troubleshoot.Failure, "--namespace", ns)
+		if !strings.Contains(r.Message, "container "+name+" ") || !strings.Contains(r.Message, "predates") {
+			t.Errorf("the failure does not name the container and the cause: %+v", r)
+		}
+	})
 	t.Run("tenant refuses the token", func(t *testing.T) {
 		// Asked from the node, with the driver's own client and token.
 		good := env.tenant.Token()
