@@ -30,6 +30,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"k8s.io/klog/v2"
 
+	"github.com/oneagent-csi/oneagent-csi/internal/readahead"
 	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 )
 
@@ -289,6 +290,23 @@ func (p *Puller) pullFrom(ctx context.Context, r name.Reference, opts []remote.O
 	return nil
 }
 
+// A layer is installed in three stages, each in its own goroutine: one
+// receives (TLS, digests) while another decompresses what arrived before,
+// and that one runs ahead of the tree writing the files, as `crane export |
+// tar -x` runs in two processes. A tar stream is sequential; pipelining its
+// stages is the parallelism it has.
+//
+// Sizes: the decompressed stage holds more (a tree write can stall on the
+// disk for a while); the received stage only smooths TLS records into
+// what gunzip reads. Both count in the node's RSS (README, Memory).
+const (
+	readAheadChunk  = 128 << 10
+	readAheadChunks = 4
+
+	receivedChunk  = 64 << 10
+	receivedChunks = 3
+)
+
 // applyLayer streams one layer: raw bytes hashed as they arrive,
 // decompressed, handed to the tree; then the digest and size are checked.
 func applyLayer(ctx context.Context, tree Tree, layer v1.Layer, desc v1.Descriptor, index int) error {
@@ -301,14 +319,11 @@ func applyLayer(ctx context.Context, tree Tree, layer v1.Layer, desc v1.Descript
 		return fmt.Errorf("%w: layer %d digest %s: only sha256 is supported", extract.ErrBadArchive, index, desc.Digest)
 	}
 	hr := &hashingReader{r: io.LimitReader(rc, desc.Size+1), h: sha256.New()}
-	// Three stages, each in its own goroutine: the transfer (TLS and
-	// both digests) reads ahead of the decompression, which reads ahead of
-	// the tree's writes.
-	raw := newReadAhead(hr, receivedChunk, receivedChunks)
+	raw := readahead.New(hr, receivedChunk, receivedChunks)
 	decompress, _ := decompressorFor(desc.MediaType)
 	plain, closeFn, derr := decompress(raw)
 	if derr == nil {
-		ahead := newReadAhead(plain, readAheadChunk, readAheadChunks)
+		ahead := readahead.New(plain, readAheadChunk, readAheadChunks)
 		err = tree.Apply(ctx, ahead, desc.Size)
 		ahead.Close()
 		closeFn()

@@ -23,6 +23,7 @@ import (
 	"github.com/spf13/afero"
 	"golang.org/x/sys/unix"
 
+	"github.com/oneagent-csi/oneagent-csi/internal/readahead"
 	"github.com/oneagent-csi/oneagent-csi/provisioner"
 	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 	"github.com/oneagent-csi/oneagent-csi/test/faketenant"
@@ -231,7 +232,7 @@ func extractLayerAlone(b *testing.B, tgz, work string) time.Duration {
 	}
 	// The node's stages without the network: gunzip in a goroutine, up to
 	// 4 × 128 KiB ahead of the tree (as provisioner/registry reads a layer).
-	pr := newChunkPipe(z, 128<<10, 4)
+	pr := readahead.New(z, 128<<10, 4)
 	defer pr.Close()
 	layers, err := extract.NewLayers(afero.NewOsFs(), dest, "opt/dynatrace/oneagent", extract.Options{})
 	if err != nil {
@@ -277,81 +278,4 @@ func downloadLayerAlone(b *testing.B, reg *registryproc.Registry, ref string, di
 	}
 	b.Logf("layer download alone: %v", took.Round(time.Millisecond))
 	return took
-}
-
-// chunkPipe reads r in a goroutine, up to n chunks ahead of its reader: a
-// buffered pipe, where io.Pipe would make both sides wait for each other
-// on every write.
-type chunkPipe struct {
-	chunks chan []byte
-	free   chan []byte
-	stop   chan struct{}
-	done   chan struct{}
-	err    error // r's error, read once chunks is closed
-	cur    []byte
-	off    int
-}
-
-func newChunkPipe(r io.Reader, size, n int) *chunkPipe {
-	p := &chunkPipe{chunks: make(chan []byte, n), free: make(chan []byte, n+1), stop: make(chan struct{}), done: make(chan struct{})}
-	for range n + 1 {
-		p.free <- make([]byte, size)
-	}
-	go func() {
-		defer close(p.done)
-		defer close(p.chunks)
-		for {
-			var buf []byte
-			select {
-			case buf = <-p.free:
-			case <-p.stop:
-				return
-			}
-			m, err := io.ReadFull(r, buf)
-			if m > 0 {
-				select {
-				case p.chunks <- buf[:m]:
-				case <-p.stop:
-					return
-				}
-			}
-			if err != nil {
-				if err != io.EOF && err != io.ErrUnexpectedEOF { //nolint:errorlint // io.ReadFull returns these unwrapped
-					p.err = err
-				}
-				return
-			}
-		}
-	}()
-	return p
-}
-
-func (p *chunkPipe) Read(b []byte) (int, error) {
-	for p.off == len(p.cur) {
-		if p.cur != nil {
-			p.free <- p.cur[:cap(p.cur)]
-			p.cur = nil
-		}
-		c, ok := <-p.chunks
-		if !ok {
-			if p.err != nil {
-				return 0, p.err
-			}
-			return 0, io.EOF
-		}
-		p.cur, p.off = c, 0
-	}
-	n := copy(b, p.cur[p.off:])
-	p.off += n
-	return n, nil
-}
-
-// Close stops the goroutine and waits for it.
-func (p *chunkPipe) Close() {
-	select {
-	case <-p.stop:
-	default:
-		close(p.stop)
-	}
-	<-p.done
 }

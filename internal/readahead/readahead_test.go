@@ -1,4 +1,4 @@
-package registry
+package readahead
 
 import (
 	"bytes"
@@ -9,8 +9,14 @@ import (
 	"testing/iotest"
 )
 
+// The sizes the tests read with.
+const (
+	testChunk  = 64 << 10
+	testChunks = 3
+)
+
 func TestReadAhead(t *testing.T) {
-	data := make([]byte, 3*readAheadChunk+12345)
+	data := make([]byte, 3*testChunk+12345)
 	rng := rand.New(rand.NewPCG(1, 1))
 	for i := range data {
 		data[i] = byte(rng.IntN(256))
@@ -29,7 +35,7 @@ func TestReadAhead(t *testing.T) {
 		{"error at once", iotest.ErrReader(broken), nil, broken},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ra := newReadAhead(tc.r, readAheadChunk, readAheadChunks)
+			ra := New(tc.r, testChunk, testChunks)
 			defer ra.Close()
 			got, err := io.ReadAll(iotest.OneByteReader(io.LimitReader(ra, 1<<30)))
 			if !errors.Is(err, tc.wantErr) {
@@ -50,16 +56,16 @@ func (c *countingReader) Read(p []byte) (int, error) { c.reads++; return len(p),
 // After Close the source is not read any more (the caller reads it next).
 func TestReadAheadCloseStopsReading(t *testing.T) {
 	src := &countingReader{}
-	ra := newReadAhead(src, receivedChunk, receivedChunks)
+	ra := New(src, testChunk, testChunks)
 	if _, err := io.ReadFull(ra, make([]byte, 10)); err != nil {
 		t.Fatal(err)
 	}
 	ra.Close()
 	reads := src.reads
-	if reads > receivedChunks+2 {
+	if reads > testChunks+2 {
 		t.Errorf("%d reads: more than the read-ahead allows", reads)
 	}
-	if _, err := ra.Read(make([]byte, receivedChunk*(receivedChunks+2))); err == nil && src.reads != reads {
+	if _, err := ra.Read(make([]byte, testChunk*(testChunks+2))); err == nil && src.reads != reads {
 		t.Errorf("source read after Close: %d -> %d", reads, src.reads)
 	}
 	if src.reads != reads {

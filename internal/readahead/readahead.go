@@ -1,25 +1,11 @@
-package registry
+// Package readahead decouples the stages of a sequential stream (receive,
+// decompress, write) so that each runs in its own goroutine, a bounded
+// number of chunks ahead of the next.
+package readahead
 
 import (
 	"io"
 	"sync"
-)
-
-// Read-ahead between the stages of a layer's install: one goroutine
-// receives (TLS, digests) while another decompresses what arrived before,
-// and that one runs ahead of the tree writing the files, as `crane export |
-// tar -x` runs in two processes. A tar stream is sequential; pipelining its
-// stages is the parallelism it has.
-//
-// Sizes: the decompressed stage holds more (a tree write can stall on the
-// disk for a while); the received stage only smooths TLS records into
-// what gunzip reads. Both count in the node's RSS (README, Memory).
-const (
-	readAheadChunk  = 128 << 10
-	readAheadChunks = 4
-
-	receivedChunk  = 64 << 10
-	receivedChunks = 3
 )
 
 type chunk struct {
@@ -27,11 +13,11 @@ type chunk struct {
 	err error
 }
 
-// readAhead reads r in a goroutine, at most a number of chunks ahead of
-// its reader, and returns r's bytes and then r's error as they came.
+// Reader reads its source in a goroutine, at most a number of chunks ahead
+// of its reader, and returns r's bytes and then r's error as they came.
 // Close stops the goroutine and waits for it: r is not read once Close
 // returns.
-type readAhead struct {
+type Reader struct {
 	chunks  chan chunk
 	free    chan []byte
 	stop    chan struct{}
@@ -43,10 +29,11 @@ type readAhead struct {
 	err error
 }
 
-// newReadAhead starts reading r into chunks of chunkSize bytes, at most
-// ahead chunks ahead (and one more being filled).
-func newReadAhead(r io.Reader, chunkSize, ahead int) *readAhead {
-	ra := &readAhead{chunks: make(chan chunk, ahead), free: make(chan []byte, ahead+1), stop: make(chan struct{})}
+// New starts reading r into chunks of chunkSize bytes, at most ahead
+// chunks ahead of the reader (and one more being filled): the memory it
+// holds is (ahead+1) × chunkSize.
+func New(r io.Reader, chunkSize, ahead int) *Reader {
+	ra := &Reader{chunks: make(chan chunk, ahead), free: make(chan []byte, ahead+1), stop: make(chan struct{})}
 	for range ahead + 1 {
 		ra.free <- make([]byte, chunkSize)
 	}
@@ -88,7 +75,7 @@ func fill(r io.Reader, buf []byte) (int, error) {
 	return n, nil
 }
 
-func (ra *readAhead) Read(p []byte) (int, error) {
+func (ra *Reader) Read(p []byte) (int, error) {
 	for ra.off == len(ra.cur) {
 		if ra.cur != nil {
 			ra.free <- ra.cur[:cap(ra.cur)]
@@ -109,7 +96,7 @@ func (ra *readAhead) Read(p []byte) (int, error) {
 }
 
 // Close stops reading ahead and waits until the goroutine no longer reads.
-func (ra *readAhead) Close() {
+func (ra *Reader) Close() {
 	ra.stopped.Do(func() { close(ra.stop) })
 	ra.done.Wait()
 }
