@@ -36,9 +36,12 @@ func imageArch(arch string) string {
 }
 
 // newPuller builds the registry source of an image tenant.
-func newPuller(t Tenant, arch string) (*registry.Puller, error) {
+// The tenant clients' request and idle timeouts apply to the registry as
+// they apply to the tenant API.
+func newPuller(t Tenant, arch string, client ClientOptions) (*registry.Puller, error) {
 	return registry.New(registry.Source{Image: t.Image, PullSecretFile: t.PullSecretFile, CAFile: t.CAFile,
-		Proxy: t.Proxy, Mirrors: t.Mirrors, Arch: imageArch(arch)})
+		Proxy: t.Proxy, Mirrors: t.Mirrors, Arch: imageArch(arch),
+		RequestTimeout: client.RequestTimeout, IdleTimeout: client.IdleTimeout})
 }
 
 // imageCacheKey is where the resolution of a tag is kept: the tenant's own

@@ -6,9 +6,11 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -182,6 +184,42 @@ func TestImageFailures(t *testing.T) {
 		pulled := f.blobs.Load()
 		if _, err := p.Prepare(context.Background(), "air", ""); !errors.Is(err, provisioner.ErrBadArchive) || f.blobs.Load() != pulled {
 			t.Errorf("second prepare: %v, blob GETs %d -> %d; want the refusal remembered", err, pulled, f.blobs.Load())
+		}
+	})
+	t.Run("a transfer that breaks is tried again, not refused", func(t *testing.T) {
+		f := newImageFixture(t)
+		var drop atomic.Bool
+		drop.Store(true)
+		flaky := ocitest.Serve(t, func(next http.Handler) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.Method != http.MethodGet || !strings.Contains(r.URL.Path, "/blobs/") || !drop.CompareAndSwap(true, false) {
+					next.ServeHTTP(w, r)
+					return
+				}
+				// The first blob: its length announced, half of it sent,
+				// the connection closed.
+				rec := httptest.NewRecorder()
+				next.ServeHTTP(rec, r)
+				body := rec.Body.Bytes()
+				w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+				w.WriteHeader(rec.Code)
+				_, _ = w.Write(body[:len(body)/2])
+			})
+		})
+		digest := ocitest.Push(t, flaky, "1.311.72", ocitest.Module(t, "1.311.72"))
+		drop.Store(true)
+		p := f.provisioner(t, provisioner.Tenant{Name: "air", Image: flaky + "/" + ocitest.Repo + ":1.311.72"})
+		// The broken transfer is unavailable, so the provisioner's retries
+		// pull again (a bad archive would be refused for the backoff).
+		prep, err := p.Prepare(context.Background(), "air", "")
+		if err != nil || prep.Artifact.ID != strings.TrimPrefix(digest, "sha256:") {
+			t.Fatalf("prepare: %+v, %v; want the image installed after the broken transfer", prep.Artifact, err)
+		}
+		if drop.Load() {
+			t.Fatal("no transfer was broken")
+		}
+		if got := tmpEntries(t, f.layout); len(got) != 0 {
+			t.Errorf("tmp/ not clean: %v", got)
 		}
 	})
 	t.Run("registry down with the module cached", func(t *testing.T) {

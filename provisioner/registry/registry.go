@@ -8,18 +8,17 @@ package registry
 
 import (
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -62,7 +61,22 @@ type Source struct {
 	Mirrors []string
 	// Arch is the platform's architecture (amd64, arm64); the OS is linux.
 	Arch string
+	// RequestTimeout bounds the wait for a registry's answer (its response
+	// headers) to every request, so a registry that accepts connections
+	// but never answers is passed over for the next one. Default 30s.
+	RequestTimeout time.Duration
+	// IdleTimeout aborts a layer download that receives no bytes for this
+	// long while the node is waiting for them (not while the node's own
+	// disk holds the stream back); the next registry is tried and the
+	// install retried, as for a stalled tenant. Default 60s.
+	IdleTimeout time.Duration
 }
+
+// Defaults of Source's timeouts.
+const (
+	DefaultRequestTimeout = 30 * time.Second
+	DefaultIdleTimeout    = 60 * time.Second
+)
 
 // Puller pulls one Source.
 type Puller struct {
@@ -87,10 +101,17 @@ func New(src Source) (*Puller, error) {
 	if src.Arch == "" {
 		return nil, errors.New("arch: required")
 	}
+	if src.RequestTimeout == 0 {
+		src.RequestTimeout = DefaultRequestTimeout
+	}
+	if src.IdleTimeout == 0 {
+		src.IdleTimeout = DefaultIdleTimeout
+	}
 	t, err := Transport(src.CAFile, src.Proxy)
 	if err != nil {
 		return nil, err
 	}
+	t.ResponseHeaderTimeout = src.RequestTimeout
 	return &Puller{src: src, ref: ref, transport: t}, nil
 }
 
@@ -202,12 +223,9 @@ func (p *Puller) Resolve(ctx context.Context, tag string) (Resolved, error) {
 	}
 	var errs []error
 	for _, r := range p.refs(ref) {
-		img, err := remote.Image(r, opts...)
+		d, err := p.resolveAt(ctx, r, opts)
 		if err == nil {
-			var d v1.Hash
-			if d, err = img.Digest(); err == nil {
-				return Resolved{Digest: d.String(), Host: r.Context().RegistryStr()}, nil
-			}
+			return Resolved{Digest: d.String(), Host: r.Context().RegistryStr()}, nil
 		}
 		errs = append(errs, classify(r, err))
 		if ctx.Err() != nil {
@@ -215,6 +233,21 @@ func (p *Puller) Resolve(ctx context.Context, tag string) (Resolved, error) {
 		}
 	}
 	return Resolved{}, joinClassified(errs)
+}
+
+// resolveAt asks one registry for the platform's manifest digest of r,
+// within RequestTimeout (the exchanges of a resolution are small).
+func (p *Puller) resolveAt(ctx context.Context, r name.Reference, opts []remote.Option) (v1.Hash, error) {
+	rctx, cancel := context.WithTimeoutCause(ctx, p.src.RequestTimeout, errStalled)
+	defer cancel()
+	img, err := remote.Image(r, append(slices.Clip(opts), remote.WithContext(rctx))...)
+	if err != nil {
+		if ctx.Err() == nil && errors.Is(context.Cause(rctx), errStalled) {
+			return v1.Hash{}, fmt.Errorf("no answer within %v", p.src.RequestTimeout) // classify: unavailable
+		}
+		return v1.Hash{}, err
+	}
+	return img.Digest()
 }
 
 // Tree receives an image's layers in order (extract.Layers).
@@ -257,12 +290,26 @@ func (p *Puller) Pull(ctx context.Context, digest string, start func() (Tree, er
 // registry's copy is damaged, not the image.
 var errCorrupt = errors.New("layer does not match its digest")
 
+// errStalled is the cause of a layer download aborted for silence.
+var errStalled = errors.New("no bytes received")
+
 func (p *Puller) pullFrom(ctx context.Context, r name.Reference, opts []remote.Option, start func() (Tree, error)) error {
+	// Its own context, so that a stalled layer download can be aborted
+	// (the blob's reader lives in go-containerregistry and reads with the
+	// context given here) without cancelling the caller's.
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	opts = append(slices.Clip(opts), remote.WithContext(ctx))
+	// The manifest is small: RequestTimeout bounds getting all of it.
+	slow := time.AfterFunc(p.src.RequestTimeout, func() { cancel(errStalled) })
 	img, err := remote.Image(r, opts...)
-	if err != nil {
-		return classify(r, err)
+	var m *v1.Manifest
+	if err == nil {
+		m, err = img.Manifest()
 	}
-	m, err := img.Manifest()
+	if !slow.Stop() {
+		return fmt.Errorf("%s: %w: the manifest took longer than %v", r, ErrUnavailable, p.src.RequestTimeout)
+	}
 	if err != nil {
 		return classify(r, err)
 	}
@@ -283,7 +330,7 @@ func (p *Puller) pullFrom(ctx context.Context, r name.Reference, opts []remote.O
 		if err != nil {
 			return classify(r, err)
 		}
-		if err := applyLayer(ctx, tree, layer, desc, i); err != nil {
+		if err := applyLayer(ctx, cancel, p.src.IdleTimeout, tree, layer, desc, i); err != nil {
 			return err
 		}
 	}
@@ -307,19 +354,31 @@ const (
 	receivedChunks = 3
 )
 
-// applyLayer streams one layer: raw bytes hashed as they arrive,
-// decompressed, handed to the tree; then the digest and size are checked.
-func applyLayer(ctx context.Context, tree Tree, layer v1.Layer, desc v1.Descriptor, index int) error {
+// applyLayer streams one layer: raw bytes counted as they arrive,
+// decompressed, handed to the tree; then the size and digest are checked.
+//
+// The digest is computed once, by go-containerregistry's reader of the
+// blob (it hashes every byte it hands out and fails the read at the end
+// when the hash differs). A second SHA-256 of the same bytes here cost a
+// core about 0.8 s per GiB of layer, on a node that is busy decompressing
+// and writing at the same time (BENCHMARKS.md).
+//
+// ctx is the pull's own context: abort cancels it when a read of the blob
+// waits idle without a byte, which fails the read.
+func applyLayer(ctx context.Context, abort context.CancelCauseFunc, idle time.Duration, tree Tree, layer v1.Layer, desc v1.Descriptor, index int) error {
+	if desc.Digest.Algorithm != "sha256" {
+		return fmt.Errorf("%w: layer %d digest %s: only sha256 is supported", extract.ErrBadArchive, index, desc.Digest)
+	}
 	rc, err := layer.Compressed()
 	if err != nil {
 		return fmt.Errorf("%w: layer %d %s: %v", ErrUnavailable, index, desc.Digest, err) //nolint:errorlint // classified by the sentinel
 	}
 	defer rc.Close()
-	if desc.Digest.Algorithm != "sha256" {
-		return fmt.Errorf("%w: layer %d digest %s: only sha256 is supported", extract.ErrBadArchive, index, desc.Digest)
-	}
-	hr := &hashingReader{r: io.LimitReader(rc, desc.Size+1), h: sha256.New()}
-	raw := readahead.New(hr, receivedChunk, receivedChunks)
+	stall := time.AfterFunc(idle, func() { abort(errStalled) })
+	stall.Stop()
+	defer stall.Stop()
+	cr := &countingReader{r: io.LimitReader(rc, desc.Size+1), stall: stall, idle: idle}
+	raw := readahead.New(cr, receivedChunk, receivedChunks)
 	decompress, _ := decompressorFor(desc.MediaType)
 	plain, closeFn, derr := decompress(raw)
 	if derr == nil {
@@ -328,34 +387,63 @@ func applyLayer(ctx context.Context, tree Tree, layer v1.Layer, desc v1.Descript
 		ahead.Close()
 		closeFn()
 	}
-	raw.Close() // before hr is read below; what it read ahead is hashed already
+	raw.Close() // before cr is read below; what it read ahead is counted already
 	// Read to the end (bounded by the declared size) so that the digest
 	// covers the whole blob, whatever the tree did with it.
-	if _, cerr := io.Copy(io.Discard, hr); cerr != nil && err == nil && derr == nil {
-		err = fmt.Errorf("%w: layer %d %s: %v", ErrUnavailable, index, desc.Digest, cerr) //nolint:errorlint // classified by the sentinel
-	}
-	if got := hex.EncodeToString(hr.h.Sum(nil)); got != desc.Digest.Hex || hr.n != desc.Size {
-		return fmt.Errorf("%w: %w: layer %d %s: got sha256:%s, %d bytes (manifest says %d)", extract.ErrBadArchive, errCorrupt, index, desc.Digest, got, hr.n, desc.Size)
-	}
-	if derr != nil {
+	_, _ = io.Copy(io.Discard, cr)
+	switch {
+	case cr.err != nil && !isDigestMismatch(cr.err):
+		// The transfer broke (connection, timeout, cancel): the copy may
+		// be fine, another registry or a later try can serve it.
+		if errors.Is(context.Cause(ctx), errStalled) {
+			return fmt.Errorf("%w: layer %d %s: download stalled, %w for %v after %d of %d bytes",
+				ErrUnavailable, index, desc.Digest, errStalled, idle, cr.n, desc.Size)
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("layer %d %s: %w", index, desc.Digest, ctx.Err())
+		}
+		return fmt.Errorf("%w: layer %d %s: after %d of %d bytes: %v", ErrUnavailable, index, desc.Digest, cr.n, desc.Size, cr.err) //nolint:errorlint // classified by the sentinel
+	case cr.n != desc.Size || cr.err != nil:
+		what := fmt.Sprintf("%d bytes (manifest says %d)", cr.n, desc.Size)
+		if cr.err != nil {
+			what = cr.err.Error()
+		}
+		return fmt.Errorf("%w: %w: layer %d %s: %s", extract.ErrBadArchive, errCorrupt, index, desc.Digest, what)
+	case derr != nil:
 		return fmt.Errorf("%w: layer %d %s: %v", extract.ErrBadArchive, index, desc.Digest, derr) //nolint:errorlint // one sentinel
-	}
-	if err != nil {
+	case err != nil:
 		return fmt.Errorf("layer %d %s: %w", index, desc.Digest, err)
 	}
 	return nil
 }
 
-type hashingReader struct {
-	r io.Reader
-	h hash.Hash
-	n int64
+// isDigestMismatch tells go-containerregistry's verification failure at
+// the end of a blob (its error type is internal: "error verifying sha256
+// checksum ...", "error verifying size ...") from a broken transfer.
+// TestCorruptedBlob fails if that wording changes.
+func isDigestMismatch(err error) bool {
+	return strings.Contains(err.Error(), "error verifying")
 }
 
-func (h *hashingReader) Read(p []byte) (int, error) {
-	n, err := h.r.Read(p)
-	h.h.Write(p[:n])
-	h.n += int64(n)
+// countingReader counts the bytes read and keeps the first error other
+// than io.EOF. stall runs while a read waits: only the registry's silence
+// counts, not the time the stages behind take to ask for more.
+type countingReader struct {
+	r     io.Reader
+	n     int64
+	err   error
+	stall *time.Timer
+	idle  time.Duration
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	c.stall.Reset(c.idle)
+	n, err := c.r.Read(p)
+	c.stall.Stop()
+	c.n += int64(n)
+	if err != nil && err != io.EOF && c.err == nil { //nolint:errorlint // io.EOF is returned unwrapped by contract
+		c.err = err
+	}
 	return n, err
 }
 

@@ -1,10 +1,13 @@
 package registry_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -13,6 +16,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -21,6 +25,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/spf13/afero"
 
 	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
@@ -132,8 +137,10 @@ func TestResolvePicksThePlatform(t *testing.T) {
 	}
 }
 
-// corrupting flips a byte of every blob it serves while on is set.
-func corrupting(on *atomic.Bool) func(http.Handler) http.Handler {
+// rewritingBlobs serves every blob through change while on is set;
+// change returns the body to send and the Content-Length to announce
+// (-1: none, the body is sent chunked).
+func rewritingBlobs(on *atomic.Bool, change func(body []byte) ([]byte, int)) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if !on.Load() || r.Method != http.MethodGet || !strings.Contains(r.URL.Path, "/blobs/sha256:") {
@@ -142,17 +149,34 @@ func corrupting(on *atomic.Bool) func(http.Handler) http.Handler {
 			}
 			rec := httptest.NewRecorder()
 			next.ServeHTTP(rec, r)
-			body := rec.Body.Bytes()
-			if len(body) > 0 {
-				body[len(body)/2] ^= 0xff
-			}
 			for k, v := range rec.Header() {
 				w.Header()[k] = v
 			}
+			body, length := rec.Body.Bytes(), rec.Body.Len()
+			if rec.Code == http.StatusOK {
+				body, length = change(body)
+			}
+			w.Header().Del("Content-Length")
+			if length >= 0 {
+				w.Header().Set("Content-Length", fmt.Sprint(length))
+			}
 			w.WriteHeader(rec.Code)
-			_, _ = w.Write(body)
+			if length < 0 {
+				w.(http.Flusher).Flush() // headers out without a length: chunked
+			}
+			_, _ = w.Write(body) // short of length: the server drops the connection
 		})
 	}
+}
+
+// corrupting flips a byte in the middle of every blob.
+func corrupting(on *atomic.Bool) func(http.Handler) http.Handler {
+	return rewritingBlobs(on, func(body []byte) ([]byte, int) {
+		if len(body) > 0 {
+			body[len(body)/2] ^= 0xff
+		}
+		return body, len(body)
+	})
 }
 
 func TestCorruptedBlob(t *testing.T) {
@@ -179,6 +203,58 @@ func TestCorruptedBlob(t *testing.T) {
 			t.Fatalf("err = %v, want a bad archive saying the digest does not match", err)
 		}
 	})
+}
+
+// A blob whose transfer breaks is not a damaged image: the pull is
+// unavailable (the next registry, or a later try), not refused as a bad
+// archive. A registry that announces a length other than the manifest's
+// is passed over the same way; bytes beyond the manifest's size are not
+// part of the layer.
+func TestBlobTransferBreaksOrOverruns(t *testing.T) {
+	cases := []struct {
+		name    string
+		change  func(body []byte) ([]byte, int)
+		want    error // nil: the pull succeeds
+		wantMsg string
+	}{
+		{"connection dropped half-way", func(body []byte) ([]byte, int) { return body[:len(body)/2], len(body) },
+			registry.ErrUnavailable, "unexpected EOF"},
+		{"a longer Content-Length than the manifest's size", func(body []byte) ([]byte, int) {
+			return append(body, 0), len(body) + 1
+		}, registry.ErrUnavailable, "Content-Length"},
+		{"chunked, a byte beyond the manifest's size", func(body []byte) ([]byte, int) {
+			return append(body, 0), -1
+		}, nil, ""},
+		{"chunked, a byte short", func(body []byte) ([]byte, int) {
+			return body[:len(body)-1], -1
+		}, extract.ErrBadArchive, "does not match its digest"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var on atomic.Bool
+			host := serve(t, rewritingBlobs(&on, tc.change))
+			digest := push(t, host, "1", module(t, "1"))
+			on.Store(true)
+			p := newPuller(t, registry.Source{Image: host + "/" + repo + ":1"})
+			tr := &tree{fsys: afero.NewMemMapFs()}
+			_, err := p.Pull(context.Background(), digest, tr.start)
+			if tc.want == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if b, _ := afero.ReadFile(tr.fsys, "out1/agent/lib64/liboneagentproc.so"); string(b) != "elf 1" {
+					t.Fatalf("library = %q", b)
+				}
+				return
+			}
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.wantMsg) {
+				t.Fatalf("err = %v, want %v mentioning %q", err, tc.want, tc.wantMsg)
+			}
+			if errors.Is(tc.want, registry.ErrUnavailable) && errors.Is(err, extract.ErrBadArchive) {
+				t.Fatalf("err = %v: a broken transfer must not read as a bad archive", err)
+			}
+		})
+	}
 }
 
 func TestUnsupportedLayerMediaType(t *testing.T) {
@@ -306,5 +382,149 @@ func TestSourceValidation(t *testing.T) {
 		if _, err := registry.New(tc.src); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%+v: %v, want an error naming %s", tc.src, err, tc.want)
 		}
+	}
+}
+
+// stalling answers requests matching what normally until stall is set;
+// then it sends the response headers and half of the body (or, headers
+// false, nothing at all) and waits without a byte more until the client
+// gives up or the test ends.
+func stalling(t *testing.T, stall *atomic.Bool, what string, headers bool) func(http.Handler) http.Handler {
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) }) // before the server's own Close
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !stall.Load() || r.Method != http.MethodGet || !strings.Contains(r.URL.Path, what) {
+				next.ServeHTTP(w, r)
+				return
+			}
+			if headers {
+				rec := httptest.NewRecorder()
+				next.ServeHTTP(rec, r)
+				for k, v := range rec.Header() {
+					w.Header()[k] = v
+				}
+				w.WriteHeader(rec.Code)
+				_, _ = w.Write(rec.Body.Bytes()[:rec.Body.Len()/2])
+				w.(http.Flusher).Flush()
+			}
+			select {
+			case <-r.Context().Done():
+			case <-release:
+			}
+		})
+	}
+}
+
+// A registry that stops sending is passed over after the idle or request
+// timeout, not waited for until the install's deadline: a mirror that
+// stalls costs the fleet that timeout, then the next registry serves.
+func TestStalledRegistry(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	cases := []struct {
+		name    string
+		what    string // the requests that stall
+		headers bool   // headers and half the body sent first
+		resolve bool   // the stall is seen by Resolve (else Pull)
+		wantMsg string
+	}{
+		{"a layer stops half-way", "/blobs/", true, false, "download stalled"},
+		{"a blob request gets no answer", "/blobs/", false, false, "timeout awaiting response headers"},
+		{"a manifest request gets no answer", "/manifests/", false, false, "manifest took longer"},
+		{"a manifest body stops half-way", "/manifests/", true, false, "manifest took longer"},
+		{"resolving: no answer", "/manifests/", false, true, "no answer within"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var stall atomic.Bool
+			mirror := serve(t, stalling(t, &stall, tc.what, tc.headers))
+			origin := serve(t, nil)
+			img := module(t, "1")
+			digest := push(t, mirror, "1", img)
+			push(t, origin, "1", img)
+			stall.Store(true)
+			src := registry.Source{Image: origin + "/" + repo + ":1", RequestTimeout: timeout, IdleTimeout: timeout}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute) // far beyond the timeouts
+			defer cancel()
+
+			alone := src
+			alone.Image = mirror + "/" + repo + ":1"
+			var err error
+			if tc.resolve {
+				_, err = newPuller(t, alone).Resolve(ctx, "")
+			} else {
+				_, err = newPuller(t, alone).Pull(ctx, digest, (&tree{fsys: afero.NewMemMapFs()}).start)
+			}
+			if !errors.Is(err, registry.ErrUnavailable) || !strings.Contains(err.Error(), tc.wantMsg) || ctx.Err() != nil {
+				t.Fatalf("the stalling registry alone: %v; want unavailable mentioning %q, long before the deadline", err, tc.wantMsg)
+			}
+
+			src.Mirrors = []string{"http://" + mirror}
+			p := newPuller(t, src)
+			if tc.resolve {
+				r, err := p.Resolve(ctx, "")
+				if err != nil || r.Host != origin {
+					t.Fatalf("resolved %+v, %v; want the origin after the stalled mirror", r, err)
+				}
+				return
+			}
+			tr := &tree{fsys: afero.NewMemMapFs()}
+			host, err := p.Pull(ctx, digest, tr.start)
+			if err != nil || host != origin {
+				t.Fatalf("pull from %s: %v; want the origin after the stalled mirror", host, err)
+			}
+		})
+	}
+}
+
+// slowTree takes its time once the first MiB of the layer is read, as a
+// node's busy disk does: the stream then waits for the tree, which is not
+// the registry's silence.
+type slowTree struct {
+	registry.Tree
+	pause time.Duration
+}
+
+func (s slowTree) Apply(ctx context.Context, layer io.Reader, size int64) error {
+	return s.Tree.Apply(ctx, &slowReader{r: layer, pause: s.pause}, size)
+}
+
+type slowReader struct {
+	r      io.Reader
+	pause  time.Duration
+	n      int64
+	paused bool
+}
+
+func (s *slowReader) Read(p []byte) (int, error) {
+	if !s.paused && s.n > 1<<20 {
+		time.Sleep(s.pause) // a slow disk, not synchronisation
+		s.paused = true
+	}
+	n, err := s.r.Read(p)
+	s.n += int64(n)
+	return n, err
+}
+
+func TestSlowTreeIsNotAStall(t *testing.T) {
+	const idle = 100 * time.Millisecond
+	host := serve(t, nil)
+	big := make([]byte, 8<<20)
+	if _, err := rand.Read(big); err != nil {
+		t.Fatal(err)
+	}
+	digest := push(t, host, "big", image(t, static.NewLayer(ocitest.Tar(t, map[string]string{
+		"opt/dynatrace/oneagent/agent/lib64/liboneagentproc.so": string(big),
+	}), types.OCIUncompressedLayer)))
+	p := newPuller(t, registry.Source{Image: host + "/" + repo + ":big", IdleTimeout: idle})
+	tr := &tree{fsys: afero.NewMemMapFs()}
+	if _, err := p.Pull(context.Background(), digest, func() (registry.Tree, error) {
+		inner, err := tr.start()
+		return slowTree{Tree: inner, pause: 5 * idle}, err
+	}); err != nil {
+		t.Fatalf("a tree slower than the idle timeout: %v", err)
+	}
+	if b, _ := afero.ReadFile(tr.fsys, "out1/agent/lib64/liboneagentproc.so"); !bytes.Equal(b, big) {
+		t.Fatalf("library: %d bytes, want the 8 MiB written", len(b))
 	}
 }
