@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,6 +40,7 @@ var env struct {
 	node       *exec.Cmd
 	nodeLog    string
 	adminSock  string
+	httpAddr   string // the node's /metrics
 	dataDir    string
 	csiSocket  string
 	injector   *exec.Cmd
@@ -155,6 +157,14 @@ func startNode(ctx context.Context, work string) error {
 	env.dataDir = filepath.Join(work, "data")
 	env.csiSocket = filepath.Join(work, "csi", "csi.sock")
 	env.adminSock = filepath.Join(work, "csi", "admin.sock")
+	// A fixed port (picked free now), so that benchmarks can read the
+	// node's metrics; the node keeps it across relaunches.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	env.httpAddr = l.Addr().String()
+	_ = l.Close()
 	tokenFile := filepath.Join(work, "token")
 	if err := os.WriteFile(tokenFile, []byte(env.tenant.Token()), 0o600); err != nil {
 		return err
@@ -165,7 +175,7 @@ func startNode(ctx context.Context, work string) error {
 	}
 	cfg := map[string]any{
 		"nodeID": cluster.NodeName, "dataDir": env.dataDir, "csiSocket": env.csiSocket, "kubeletSocket": env.csiSocket,
-		"registrationDir": filepath.Join(env.c.KubeletRoot, "plugins_registry"), "httpAddr": "127.0.0.1:0", "adminSocket": env.adminSock,
+		"registrationDir": filepath.Join(env.c.KubeletRoot, "plugins_registry"), "httpAddr": env.httpAddr, "adminSocket": env.adminSock,
 		"publishWait": "5s", "kubeletDir": env.c.KubeletRoot,
 		"client": map[string]any{"attempts": 2, "backoffBase": "100ms", "backoffMax": "500ms", "requestTimeout": "5s"},
 		"tenants": []any{map[string]any{"name": "prod", "apiURL": env.tenant.URL, "tokenFile": tokenFile, "caFile": caFile},
