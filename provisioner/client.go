@@ -108,9 +108,10 @@ type ClientOptions struct {
 	BackoffMax time.Duration
 	// UserAgent is sent with every request. Default "oneagent-csi".
 	UserAgent string
-	// IdleTimeout aborts a download that receives no bytes for this long
-	// (the install retries it), so a stalled tenant cannot hold publishes
-	// until DownloadTimeout. Default 60s.
+	// IdleTimeout aborts a download whose read waits this long without a
+	// byte (the install retries it), so a stalled tenant cannot hold
+	// publishes until DownloadTimeout. Time the consumer spends between
+	// reads does not count. Default 60s.
 	IdleTimeout time.Duration
 }
 
@@ -469,7 +470,10 @@ func (c *Client) OpenAgentZipRange(ctx context.Context, version, flavor, arch, b
 // errIdle is the cause of a download aborted for silence.
 var errIdle = errors.New("no bytes received")
 
-// idleBody cancels the request when a read brings no bytes for idle.
+// idleBody cancels the request when a read waits for idle without a byte.
+// Only the wait inside a read counts: a consumer that takes its time
+// between reads (a busy disk holding the stream back) is not the tenant's
+// silence.
 type idleBody struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -482,14 +486,14 @@ type idleBody struct {
 func newIdleBody(ctx context.Context, cancel context.CancelCauseFunc, body io.ReadCloser, idle time.Duration, tenant string) *idleBody {
 	b := &idleBody{ctx: ctx, cancel: cancel, body: body, idle: idle, tenant: tenant}
 	b.timer = time.AfterFunc(idle, func() { cancel(errIdle) })
+	b.timer.Stop()
 	return b
 }
 
 func (b *idleBody) Read(p []byte) (int, error) {
+	b.timer.Reset(b.idle)
 	n, err := b.body.Read(p)
-	if n > 0 {
-		b.timer.Reset(b.idle)
-	}
+	b.timer.Stop()
 	if err != nil && errors.Is(context.Cause(b.ctx), errIdle) {
 		//nolint:errorlint // the transport's error is text only; ErrUnavailable classifies
 		return n, fmt.Errorf("tenant %q: download stalled, %v for %v: %w", b.tenant, errIdle, b.idle, ErrUnavailable)

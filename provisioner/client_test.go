@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"io"
 	"net/http"
 	"os"
 	"strings"
@@ -202,5 +203,32 @@ func TestProxyIsUsed(t *testing.T) {
 		}
 	default:
 		t.Fatal("the proxy was not used")
+	}
+}
+
+// The idle timeout is the tenant's silence while the node waits for bytes,
+// not the time the node takes between reads (its disk holding the stream
+// back): a slow consumer is not a stalled download.
+func TestDownloadIdleCountsOnlyTheTenantsSilence(t *testing.T) {
+	const idle = 100 * time.Millisecond
+	srv, tenant := startTenant(t, faketenant.Options{ModuleSize: 8 << 20})
+	opts := fastRetries
+	opts.IdleTimeout = idle
+	c, err := provisioner.NewClient(tenant, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, size, err := c.OpenAgentZip(context.Background(), srv.Latest(), "default", "x86")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer body.Close()
+	if _, err := io.CopyN(io.Discard, body, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(5 * idle) // a slow disk, not synchronisation
+	n, err := io.Copy(io.Discard, body)
+	if err != nil || 64<<10+n != size {
+		t.Fatalf("read %d more bytes of %d after a pause: %v; want the rest of the download", n, size, err)
 	}
 }
