@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/oneagent-csi/oneagent-csi/internal/idleread"
 )
 
 // Tenant routes of the Dynatrace Environment API v1 (DESIGN §2), relative to apiURL.
@@ -470,30 +472,25 @@ func (c *Client) OpenAgentZipRange(ctx context.Context, version, flavor, arch, b
 // errIdle is the cause of a download aborted for silence.
 var errIdle = errors.New("no bytes received")
 
-// idleBody cancels the request when a read waits for idle without a byte.
-// Only the wait inside a read counts: a consumer that takes its time
-// between reads (a busy disk holding the stream back) is not the tenant's
-// silence.
+// idleBody cancels the request when a read waits for idle without a byte
+// (idleread: a consumer that takes its time between reads is not the
+// tenant's silence).
 type idleBody struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	body   io.ReadCloser
 	idle   time.Duration
-	timer  *time.Timer
+	reads  *idleread.Reader
 	tenant string
 }
 
 func newIdleBody(ctx context.Context, cancel context.CancelCauseFunc, body io.ReadCloser, idle time.Duration, tenant string) *idleBody {
-	b := &idleBody{ctx: ctx, cancel: cancel, body: body, idle: idle, tenant: tenant}
-	b.timer = time.AfterFunc(idle, func() { cancel(errIdle) })
-	b.timer.Stop()
-	return b
+	return &idleBody{ctx: ctx, cancel: cancel, body: body, idle: idle, tenant: tenant,
+		reads: idleread.New(body, idle, func() { cancel(errIdle) })}
 }
 
 func (b *idleBody) Read(p []byte) (int, error) {
-	b.timer.Reset(b.idle)
-	n, err := b.body.Read(p)
-	b.timer.Stop()
+	n, err := b.reads.Read(p)
 	if err != nil && errors.Is(context.Cause(b.ctx), errIdle) {
 		//nolint:errorlint // the transport's error is text only; ErrUnavailable classifies
 		return n, fmt.Errorf("tenant %q: download stalled, %v for %v: %w", b.tenant, errIdle, b.idle, ErrUnavailable)
@@ -502,7 +499,7 @@ func (b *idleBody) Read(p []byte) (int, error) {
 }
 
 func (b *idleBody) Close() error {
-	b.timer.Stop()
+	b.reads.Stop()
 	err := b.body.Close()
 	b.cancel(nil)
 	return err

@@ -29,6 +29,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"k8s.io/klog/v2"
 
+	"github.com/oneagent-csi/oneagent-csi/internal/idleread"
 	"github.com/oneagent-csi/oneagent-csi/internal/readahead"
 	"github.com/oneagent-csi/oneagent-csi/provisioner/extract"
 )
@@ -374,10 +375,11 @@ func applyLayer(ctx context.Context, abort context.CancelCauseFunc, idle time.Du
 		return fmt.Errorf("%w: layer %d %s: %v", ErrUnavailable, index, desc.Digest, err) //nolint:errorlint // classified by the sentinel
 	}
 	defer rc.Close()
-	stall := time.AfterFunc(idle, func() { abort(errStalled) })
-	stall.Stop()
-	defer stall.Stop()
-	cr := &countingReader{r: io.LimitReader(rc, desc.Size+1), stall: stall, idle: idle}
+	// Only the registry's silence counts, not the time the stages behind
+	// take to ask for more.
+	received := idleread.New(io.LimitReader(rc, desc.Size+1), idle, func() { abort(errStalled) })
+	defer received.Stop()
+	cr := &countingReader{r: received}
 	raw := readahead.New(cr, receivedChunk, receivedChunks)
 	decompress, _ := decompressorFor(desc.MediaType)
 	plain, closeFn, derr := decompress(raw)
@@ -426,20 +428,15 @@ func isDigestMismatch(err error) bool {
 }
 
 // countingReader counts the bytes read and keeps the first error other
-// than io.EOF. stall runs while a read waits: only the registry's silence
-// counts, not the time the stages behind take to ask for more.
+// than io.EOF.
 type countingReader struct {
-	r     io.Reader
-	n     int64
-	err   error
-	stall *time.Timer
-	idle  time.Duration
+	r   io.Reader
+	n   int64
+	err error
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
-	c.stall.Reset(c.idle)
 	n, err := c.r.Read(p)
-	c.stall.Stop()
 	c.n += int64(n)
 	if err != nil && err != io.EOF && c.err == nil { //nolint:errorlint // io.EOF is returned unwrapped by contract
 		c.err = err
