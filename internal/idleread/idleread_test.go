@@ -2,6 +2,7 @@ package idleread_test
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"sync/atomic"
 	"testing"
@@ -42,7 +43,7 @@ func TestIdleCountsOnlyTheWaitInsideARead(t *testing.T) {
 		go func() { _, err := r.Read(make([]byte, 1)); done <- err }()
 		select {
 		case err := <-done:
-			if err != io.EOF {
+			if !errors.Is(err, io.EOF) {
 				t.Fatalf("read returned %v after onIdle", err)
 			}
 		case <-time.After(10 * time.Second):
