@@ -38,6 +38,10 @@ type installResult struct {
 	// above its use before the start: at most during the install, and once
 	// it was done.
 	diskPeak, diskFinal int64
+	// cpu is what the whole machine spent (busyCPU) from the node's start
+	// to the install's end: the node, a registry or tenant serving it,
+	// and the kernel's writeback.
+	cpu float64
 }
 
 // moduleSize is 1 GiB unless ONEAGENT_CSI_BENCH_MODULE_SIZE (bytes) says
@@ -112,7 +116,41 @@ func (r *installResult) add(o installResult) {
 	r.cgroupPeak += o.cgroupPeak
 	r.diskPeak += o.diskPeak
 	r.diskFinal += o.diskFinal
+	r.cpu += o.cpu
 }
+
+// busyCPU is the CPU time in seconds all cores of the machine have spent
+// not idle since boot (/proc/stat: user, nice, system, irq, softirq,
+// steal). Differences of it time the CPU of a step including other
+// processes and the kernel's threads working for it.
+func busyCPU(b *testing.B) float64 {
+	b.Helper()
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	fields := strings.Fields(line)
+	if len(fields) < 9 || fields[0] != "cpu" {
+		b.Fatalf("/proc/stat starts with %q", line)
+	}
+	var ticks float64
+	for i, f := range fields[1:9] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		v, err := strconv.ParseFloat(f, 64)
+		if err != nil {
+			b.Fatalf("/proc/stat: %v", err)
+		}
+		ticks += v
+	}
+	return ticks / clockTicks
+}
+
+// clockTicks is USER_HZ, the unit of /proc/stat: 100 on every Linux
+// architecture this runs on.
+const clockTicks = 100
 
 // installedLine is the provisioner's log line when an install is done (from
 // a ZIP or an image); durationField its timings.
@@ -166,6 +204,7 @@ func coldInstall(b *testing.B, tenant any, work string, cg *harness.MemoryCgroup
 	cmd.Env = append(os.Environ(), "GOMAXPROCS="+procs)
 	unix.Sync()
 	disk := startDiskSampler(b, dataDir)
+	cpu := busyCPU(b)
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
@@ -194,6 +233,7 @@ func coldInstall(b *testing.B, tenant any, work string, cg *harness.MemoryCgroup
 		line = findLine(b, logPath)
 	}
 	var r installResult
+	r.cpu = busyCPU(b) - cpu
 	r.diskPeak, r.diskFinal = disk.stop()
 	if dir := os.Getenv("ONEAGENT_CSI_BENCH_LOG_DIR"); dir != "" {
 		// Keep the node's log (e.g. with GODEBUG=gctrace=1 in the environment).
@@ -223,8 +263,8 @@ func coldInstall(b *testing.B, tenant any, work string, cg *harness.MemoryCgroup
 	if cg != nil {
 		r.cgroupPeak = cg.Peak()
 	}
-	b.Logf("install: %v (download %v, extract %v), peak RSS %d MiB (now: anon %d MiB, file %d MiB), cgroup peak %d MiB, disk peak %d MiB, final %d MiB",
-		r.took, r.download, r.extract, r.peakRSS>>20, procStatus(b, cmd.Process.Pid, "RssAnon:")>>10, procStatus(b, cmd.Process.Pid, "RssFile:")>>10,
+	b.Logf("install: %v (download %v, extract %v, %.1f CPU-s), peak RSS %d MiB (now: anon %d MiB, file %d MiB), cgroup peak %d MiB, disk peak %d MiB, final %d MiB",
+		r.took, r.download, r.extract, r.cpu, r.peakRSS>>20, procStatus(b, cmd.Process.Pid, "RssAnon:")>>10, procStatus(b, cmd.Process.Pid, "RssFile:")>>10,
 		r.cgroupPeak>>20, r.diskPeak>>20, r.diskFinal>>20)
 	return r
 }
