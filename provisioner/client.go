@@ -178,6 +178,11 @@ func NewClient(t Tenant, opts ClientOptions) (*Client, error) {
 
 func newHTTPClient(t Tenant, opts ClientOptions) (*http.Client, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
+	// HTTP/1.1 only, as for registries (registry.Transport): a ZIP read
+	// slower than the tenant sends it waits in the socket buffer, not in
+	// the process's heap as HTTP/2's flow-control window would have it.
+	tr.Protocols = new(http.Protocols)
+	tr.Protocols.SetHTTP1(true)
 	tr.DialContext = (&net.Dialer{Timeout: opts.ConnectTimeout, KeepAlive: 30 * time.Second}).DialContext
 	tr.TLSHandshakeTimeout = opts.ConnectTimeout
 	tr.ResponseHeaderTimeout = opts.RequestTimeout

@@ -232,3 +232,33 @@ func TestDownloadIdleCountsOnlyTheTenantsSilence(t *testing.T) {
 		t.Fatalf("read %d more bytes of %d after a pause: %v; want the rest of the download", n, size, err)
 	}
 }
+
+// TestClientSpeaksHTTP1 talks to a tenant that offers HTTP/2, as real
+// tenants do: over HTTP/2 a ZIP read slower than it arrives would be
+// buffered in the node's heap (up to the stream's 4 MiB window), so every
+// request, the download included, must come over HTTP/1.1.
+func TestClientSpeaksHTTP1(t *testing.T) {
+	srv, tenant := startTenant(t, faketenant.Options{HTTP2: true})
+	c, err := provisioner.NewClient(tenant, fastRetries)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	v, err := c.LatestVersion(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _, err := c.OpenAgentZip(ctx, v, "default", "x86")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.Copy(io.Discard, body)
+	body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := srv.Protocols()
+	if len(got) != 1 || got["HTTP/1.1"] != 2 {
+		t.Fatalf("requests by protocol = %v, want 2 over HTTP/1.1 only", got)
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -526,5 +527,43 @@ func TestSlowTreeIsNotAStall(t *testing.T) {
 	}
 	if b, _ := afero.ReadFile(tr.fsys, "out1/agent/lib64/liboneagentproc.so"); !bytes.Equal(b, big) {
 		t.Fatalf("library: %d bytes, want the 8 MiB written", len(b))
+	}
+}
+
+// TestPullSpeaksHTTP1 pulls from a registry that offers HTTP/2, as most do:
+// over HTTP/2 a layer read slower than it arrives would be buffered in the
+// node's heap (up to the stream's 4 MiB window), so every request of a
+// pull, the blobs included, must come over HTTP/1.1.
+func TestPullSpeaksHTTP1(t *testing.T) {
+	var mu sync.Mutex
+	protocols := map[string]int{}
+	recording := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			protocols[r.Proto]++
+			mu.Unlock()
+			next.ServeHTTP(w, r)
+		})
+	}
+	host, caFile, pushTransport := ocitest.ServeTLS(t, recording)
+	push(t, host, "1.311.72", module(t, "1.311.72"), remote.WithTransport(pushTransport))
+	mu.Lock()
+	clear(protocols) // the push is not the node's
+	mu.Unlock()
+
+	p := newPuller(t, registry.Source{Image: host + "/" + repo + ":1.311.72", CAFile: caFile})
+	ctx := context.Background()
+	r, err := p.Resolve(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &tree{fsys: afero.NewMemMapFs()}
+	if _, err := p.Pull(ctx, r.Digest, tr.start); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(protocols) != 1 || protocols["HTTP/1.1"] == 0 {
+		t.Fatalf("requests by protocol = %v, want HTTP/1.1 only", protocols)
 	}
 }

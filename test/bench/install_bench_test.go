@@ -81,7 +81,7 @@ func BenchmarkColdInstall(b *testing.B) {
 	}
 	defer cg32.Remove()
 
-	srv, tenant := harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: sharedDir(b, "modules")})
+	srv, tenant := harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: sharedDir(b, "modules"), HTTP2: true})
 	// Generate the ZIP before anything is timed.
 	if _, err := srv.ModulePath(srv.Latest()); err != nil {
 		b.Fatal(err)

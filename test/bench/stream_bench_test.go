@@ -278,8 +278,9 @@ func newInstallFixture(b *testing.B) *installFixture {
 	b.Helper()
 	fx := &installFixture{work: b.TempDir()}
 	cache := sharedDir(b, "modules")
-	fx.streaming, fx.streamTenant = harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: cache})
-	_, fx.seqTenant = harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: cache, NoRange: true})
+	// The tenants offer HTTP/2, as real ones do.
+	fx.streaming, fx.streamTenant = harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: cache, HTTP2: true})
+	_, fx.seqTenant = harness.StartTenant(b, faketenant.Options{ModuleSize: moduleSize(b), CacheDir: cache, NoRange: true, HTTP2: true})
 	var err error
 	if fx.zipPath, err = fx.streaming.ModulePath(fx.streaming.Latest()); err != nil {
 		b.Fatal(err)

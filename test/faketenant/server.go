@@ -14,6 +14,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -109,6 +110,9 @@ type Options struct {
 	// NoRange ignores Range headers and answers every download with the
 	// whole ZIP (200), like a tenant behind a proxy that strips them.
 	NoRange bool
+	// HTTP2 offers HTTP/2 in the TLS handshake, as real tenants do. Off by
+	// default: the faults that break a connection need HTTP/1.1.
+	HTTP2 bool
 }
 
 // DefaultVersions are offered when Options.Versions is empty.
@@ -129,6 +133,7 @@ type Server struct {
 	revision    int64
 	faults      []Fault
 	requests    map[string]int
+	protocols   map[string]int // requests by protocol ("HTTP/1.1", "HTTP/2.0")
 	downloads   map[string]int
 	generateMux sync.Mutex
 	files       map[string]string // version -> a ZIP served as it is
@@ -147,7 +152,7 @@ func Start(opts Options) (*Server, error) {
 		opts.ModuleSize = 256 << 10
 	}
 	s := &Server{opts: opts, token: opts.Token, versions: append([]string(nil), opts.Versions...), revision: 1,
-		requests: map[string]int{}, downloads: map[string]int{}, modules: map[string]string{}}
+		requests: map[string]int{}, protocols: map[string]int{}, downloads: map[string]int{}, modules: map[string]string{}}
 	if opts.CacheDir == "" {
 		dir, err := os.MkdirTemp("", "faketenant-")
 		if err != nil {
@@ -169,6 +174,7 @@ func Start(opts Options) (*Server, error) {
 	if opts.Certificate != nil {
 		s.srv.TLS = &tls.Config{Certificates: []tls.Certificate{*opts.Certificate}, MinVersion: tls.VersionTLS12}
 	}
+	s.srv.EnableHTTP2 = opts.HTTP2
 	s.srv.StartTLS()
 	s.URL = s.srv.URL + "/api"
 	return s, nil
@@ -218,6 +224,14 @@ func (s *Server) Requests(route string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.requests[route]
+}
+
+// Protocols returns how many requests came over each protocol version
+// ("HTTP/1.1", "HTTP/2.0").
+func (s *Server) Protocols() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.protocols)
 }
 
 // Downloads returns how many complete module downloads of version were served.
@@ -355,6 +369,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	s.requests[route]++
+	s.protocols[r.Proto]++
 	token := s.token
 	versions := append([]string(nil), s.versions...)
 	s.mu.Unlock()

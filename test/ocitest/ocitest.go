@@ -7,10 +7,13 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"encoding/pem"
 	"io"
 	"log"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
@@ -121,6 +124,27 @@ func Serve(t testing.TB, wrap func(http.Handler) http.Handler) string {
 	s := httptest.NewServer(h)
 	t.Cleanup(s.Close)
 	return strings.TrimPrefix(s.URL, "http://")
+}
+
+// ServeTLS is Serve over HTTPS offering HTTP/2, as most registries do. It
+// returns the host and a file with the certificate to trust, and a
+// transport that trusts it (for pushing).
+func ServeTLS(t testing.TB, wrap func(http.Handler) http.Handler) (host, caFile string, tr http.RoundTripper) {
+	t.Helper()
+	h := ggcrregistry.New(ggcrregistry.Logger(log.New(io.Discard, "", 0)))
+	if wrap != nil {
+		h = wrap(h)
+	}
+	s := httptest.NewUnstartedServer(h)
+	s.EnableHTTP2 = true
+	s.StartTLS()
+	t.Cleanup(s.Close)
+	caFile = filepath.Join(t.TempDir(), "ca.pem")
+	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.Certificate().Raw})
+	if err := os.WriteFile(caFile, pemBytes, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimPrefix(s.URL, "https://"), caFile, s.Client().Transport
 }
 
 // Push writes img as host/Repo:tag and returns its digest.
