@@ -121,8 +121,7 @@ func New(src Source) (*Puller, error) {
 // HTTPS_PROXY/NO_PROXY). It speaks HTTP/1.1 only: over HTTP/2, Go's client
 // reads a layer ahead into the process, up to the stream's flow-control
 // window (4 MiB), whenever the tree is written slower than the registry
-// sends, and every read answers with window updates that wake the sender;
-// over HTTP/1.1 what is not read yet waits in the kernel's socket buffer
+// sends; over HTTP/1.1 what is not read yet waits in the kernel's socket buffer
 // and TCP holds the registry back (BENCHMARKS.md: 4.5 MiB less peak RSS
 // and less CPU per image install).
 func Transport(caFile, proxy string) (*http.Transport, error) {

@@ -38,17 +38,13 @@ func BenchmarkInstallOverSlowLink(b *testing.B) {
 	fx := newInstallFixture(b)
 	shapeLoopback(b, rate, portOf(b, fx.streamTenant.APIURL), portOf(b, fx.seqTenant.APIURL), portOf(b, "https://"+fx.reg.Host))
 
-	var seq, streamed, image installResult
-	var layerDownload, layerExtract phase
+	var runs installRuns
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		seq.add(coldInstall(b, fx.seqTenant, fx.work, nil))
-		streamed.add(coldInstall(b, fx.streamTenant, fx.work, nil))
-		image.add(coldInstall(b, fx.imageTenant, fx.work, nil))
-		layerDownload.add(downloadLayerAlone(b, fx))
-		layerExtract.add(extractLayerAlone(b, fx.tgz, fx.work))
+		runs.run(b, fx)
 	}
 	b.StopTimer()
+	seq, streamed, image, layerDownload, layerExtract := runs.seq, runs.streamed, runs.image, runs.layerDownload, runs.layerExtract
 	n := float64(b.N)
 	s := func(p float64) float64 { return p / n }
 	b.ReportMetric(s(seq.download.Seconds()), "s-download")
