@@ -4,7 +4,6 @@
 package diskio
 
 import (
-	"errors"
 	"io"
 	"os"
 	"sync"
@@ -110,58 +109,87 @@ func (w *WriteBehind) startFinal() {
 // file's writeback when it is closed would make every worker wait for the
 // disk once per file; never waiting would let dirty pages pile up until a
 // small memory cgroup stalls in reclaim. Instead a finished file has its
-// writeback started and stays open in the queue; once the queue holds more
-// than limit bytes, the oldest files (long written by then) are waited
-// for, dropped from the page cache and closed.
+// writeback started and is closed at once (no descriptor outlives the
+// writing of its file, so an archive of a million tiny files cannot hold a
+// million descriptors); the queue keeps only its path and its unwritten
+// bytes. Once those pass limit, the oldest files (long written by then) are
+// opened again read-only for a moment, waited for and dropped from the
+// page cache.
 type CloseQueue struct {
 	// Limit is the bytes of finished files left to writeback before the
-	// oldest are waited for and closed.
+	// oldest are waited for and dropped.
 	Limit int64
 
 	mu      sync.Mutex
-	pending []*WriteBehind
+	pending []pendingFile
 	bytes   int64
 }
 
-// Add takes over closing w. The error is that of closing some earlier file
-// (any error fails the whole extraction, so which file it was matters
-// less than stopping early).
+// pendingFile is a closed file whose writeback was started.
+type pendingFile struct {
+	path  string
+	bytes int64
+}
+
+// Add closes w after starting its writeback and remembers it for the
+// bound. The error is that of closing w (any error fails the whole
+// extraction).
 func (q *CloseQueue) Add(w *WriteBehind) error {
 	if w.fd < 0 {
 		return w.Close()
 	}
 	w.startFinal()
+	name, unflushed := OSFile(w.f).Name(), w.written-w.flushed
+	if err := w.f.Close(); err != nil {
+		return err
+	}
+	if unflushed == 0 {
+		return nil
+	}
 	q.mu.Lock()
-	q.pending = append(q.pending, w)
-	q.bytes += w.written - w.flushed
-	var ready []*WriteBehind
+	q.pending = append(q.pending, pendingFile{path: name, bytes: unflushed})
+	q.bytes += unflushed
+	var ready []pendingFile
 	for q.bytes > q.Limit && len(q.pending) > 0 {
-		old := q.pending[0]
-		q.pending[0] = nil
+		ready = append(ready, q.pending[0])
+		q.bytes -= q.pending[0].bytes
 		q.pending = q.pending[1:]
-		q.bytes -= old.written - old.flushed
-		ready = append(ready, old)
+	}
+	if len(q.pending) == 0 {
+		q.pending = nil // let the backing array go
 	}
 	q.mu.Unlock()
 	// Wait outside the lock so that other workers keep going.
-	var errs []error
-	for _, old := range ready {
-		errs = append(errs, old.Close())
+	for _, p := range ready {
+		settle(p.path)
 	}
-	return errors.Join(errs...)
+	return nil
 }
 
-// Drain closes every file still in the queue.
-func (q *CloseQueue) Drain() error {
+// Drain waits for the writeback of every file still in the queue and drops
+// them from the page cache. It holds no descriptors, so a failed
+// extraction that never drains leaks nothing.
+func (q *CloseQueue) Drain() {
 	q.mu.Lock()
 	pending := q.pending
 	q.pending, q.bytes = nil, 0
 	q.mu.Unlock()
-	var errs []error
-	for _, w := range pending {
-		errs = append(errs, w.Close())
+	for _, p := range pending {
+		settle(p.path)
 	}
-	return errors.Join(errs...)
+}
+
+// settle waits for a closed file's writeback and drops its pages. A file a
+// later entry removed or replaced is skipped: its pages went with it, and
+// durability is the caller's (one syncfs for the whole tree).
+func settle(path string) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return
+	}
+	_ = unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+	_ = unix.Fadvise(fd, 0, 0, unix.FADV_DONTNEED)
+	_ = unix.Close(fd)
 }
 
 // DropCache drops a range of a file that was read and is not needed again

@@ -421,9 +421,7 @@ func (l *Layers) path(rel string) string {
 // entries.
 func (l *Layers) Finish() (Result, error) {
 	var out Result
-	if err := l.closer.Drain(); err != nil {
-		return out, fmt.Errorf("extract: %w", err)
-	}
+	l.closer.Drain()
 	if !l.sawRoot || len(l.nodes) == 0 {
 		return out, badArchive("the image has nothing at %s (set imagePath to where the code module is)", l.root)
 	}

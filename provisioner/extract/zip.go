@@ -156,9 +156,7 @@ func Zip(ctx context.Context, fsys afero.Fs, zipPath, destDir string, opts Optio
 	}
 	err = g.Wait()
 	stopProgress()
-	if derr := closer.Drain(); err == nil && derr != nil {
-		err = fmt.Errorf("extract: %w", derr)
-	}
+	closer.Drain()
 	if err != nil {
 		return out, err
 	}

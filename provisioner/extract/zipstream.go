@@ -219,9 +219,7 @@ func ZipStream(ctx context.Context, fsys afero.Fs, destDir string, tail ZipTail,
 	}
 	err = g.Wait()
 	stopProgress()
-	if derr := closer.Drain(); err == nil && derr != nil {
-		err = fmt.Errorf("extract: %w", derr)
-	}
+	closer.Drain()
 	if err != nil {
 		return out, err
 	}
