@@ -175,6 +175,12 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 	if rel == storageManifestName || rel == storageLayerInfoName {
 		return badArchive("entry %q uses a name reserved for oneagent-csi", name)
 	}
+	if isSparse(h) {
+		// archive/tar expands a sparse file's holes as it is read, past
+		// the expansion-ratio count: 240 bytes of layer could write
+		// gigabytes. No code module needs holes.
+		return badArchive("entry %s is a sparse file (%d bytes, mostly holes); sparse files are refused", name, h.Size)
+	}
 	l.sawRoot = true
 	if seen[rel] {
 		return badArchive("entry %s appears twice in layer %d", name, l.layer)
@@ -220,6 +226,20 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 		return l.file(tr, h, rel, name)
 	}
 	return badArchive("entry %s has unsupported type %s (devices, pipes and sockets are refused)", name, typeName(h.Typeflag))
+}
+
+// isSparse tells a sparse entry: the old GNU type, or a PAX header with
+// GNU.sparse.* records (formats 0.0, 0.1 and 1.0).
+func isSparse(h *tar.Header) bool {
+	if h.Typeflag == tar.TypeGNUSparse {
+		return true
+	}
+	for k := range h.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return false
 }
 
 // relative maps an image path to its place in the tree: "" for the root,

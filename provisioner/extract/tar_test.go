@@ -29,6 +29,9 @@ type tarEntry struct {
 	mode int64
 	data string
 	link string
+	// sparse, when set, makes the entry a PAX (GNU 1.0) sparse file of
+	// this real size whose only data is data, at its end.
+	sparse int64
 }
 
 func file(name, data string) tarEntry { return tarEntry{name: name, typ: tar.TypeReg, data: data} }
@@ -46,6 +49,10 @@ func makeTar(t *testing.T, entries ...tarEntry) []byte {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for _, e := range entries {
+		if e.sparse > 0 {
+			writeSparse(t, tw, &buf, e)
+			continue
+		}
 		mode := e.mode
 		if mode == 0 {
 			mode = 0o644
@@ -65,6 +72,52 @@ func makeTar(t *testing.T, entries ...tarEntry) []byte {
 		t.Fatal(err)
 	}
 	return buf.Bytes()
+}
+
+// writeSparse writes e as archive/tar reads a PAX sparse file: an extended
+// header with GNU.sparse.* records (archive/tar writes none, so it is made
+// by hand), then the sparse map and the data.
+func writeSparse(t *testing.T, tw *tar.Writer, buf *bytes.Buffer, e tarEntry) {
+	t.Helper()
+	record := func(k, v string) string {
+		s := " " + k + "=" + v + "\n"
+		n := len(s)
+		for len(fmt.Sprint(n))+len(s) != n {
+			n = len(fmt.Sprint(n)) + len(s)
+		}
+		return fmt.Sprint(n) + s
+	}
+	records := record("GNU.sparse.major", "1") + record("GNU.sparse.minor", "0") +
+		record("GNU.sparse.name", e.name) + record("GNU.sparse.realsize", fmt.Sprint(e.sparse))
+	if err := tw.Flush(); err != nil { // the previous entry's padding
+		t.Fatal(err)
+	}
+	start := buf.Len()
+	if err := tw.WriteHeader(&tar.Header{Name: "PaxHeaders/x", Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(records)), Format: tar.FormatUSTAR}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tw.Write([]byte(records)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tw.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	h := buf.Bytes()[start : start+512]
+	h[156] = tar.TypeXHeader
+	copy(h[148:156], "        ")
+	sum := 0
+	for _, c := range h {
+		sum += int(c)
+	}
+	copy(h[148:156], fmt.Sprintf("%06o\x00 ", sum))
+	sparseMap := fmt.Sprintf("1\n%d\n%d\n", e.sparse-int64(len(e.data)), len(e.data))
+	sparseMap += strings.Repeat("\x00", 512-len(sparseMap))
+	if err := tw.WriteHeader(&tar.Header{Name: e.name, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(sparseMap) + len(e.data)), Format: tar.FormatUSTAR}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tw.Write([]byte(sparseMap + e.data)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // applyLayers builds the tree from layers into out on fsys.
@@ -111,6 +164,7 @@ func TestLayersRejectUnsafeEntries(t *testing.T) {
 		{"too many entries", [][]tarEntry{layer(file(in("a"), "x"), file(in("b"), "x"))}, extract.Limits{MaxEntries: 3}, 0, "more than 3 entries"},
 		{"too large", [][]tarEntry{layer(file(in("big"), strings.Repeat("x", 100)))}, extract.Limits{MaxBytes: 50}, 0, "limit of 50 bytes"},
 		{"expansion ratio", [][]tarEntry{layer(file(in("zeros"), zeros))}, extract.Limits{}, 10 << 10, "ratio limit"},
+		{"sparse file", [][]tarEntry{layer(tarEntry{name: in("holes"), typ: tar.TypeReg, data: "x", sparse: 64 << 20})}, extract.Limits{}, 0, "sparse"},
 		{"twice in one layer", [][]tarEntry{layer(file(in("a"), "x"), file(in("a"), "y"))}, extract.Limits{}, 0, "appears twice"},
 		{"reserved name", [][]tarEntry{layer(file(in(storage.Layout{}.ManifestName()), "x"))}, extract.Limits{}, 0, "reserved"},
 		{"long component", [][]tarEntry{layer(file(in(strings.Repeat("a", 300)), "x"))}, extract.Limits{}, 0, "longer than 255"},
