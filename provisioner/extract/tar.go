@@ -58,7 +58,7 @@ type Layers struct {
 	chunk   int64
 
 	layer   int
-	nodes   map[string]*node
+	tree    *tree
 	entries int
 	total   atomic.Int64 // bytes written into the tree
 	sawRoot bool
@@ -80,7 +80,7 @@ func NewLayers(fsys afero.Fs, destDir, root string, opts Options) (*Layers, erro
 	}
 	return &Layers{fsys: fsys, destDir: destDir, root: root, limits: limits,
 		closer: &diskio.CloseQueue{Limit: pageCache}, chunk: diskio.WriteBehindChunk(pageCache),
-		nodes: map[string]*node{}, buf: make([]byte, workerCopyBuffer)}, nil
+		tree: newTree(), buf: make([]byte, workerCopyBuffer)}, nil
 }
 
 // Apply reads one uncompressed layer (a tar stream) to its end and applies
@@ -191,7 +191,7 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 	}
 	switch h.Typeflag {
 	case tar.TypeDir:
-		if n := l.nodes[rel]; n != nil && n.kind == "dir" {
+		if n := l.tree.get(rel); n != nil && n.kind == "dir" {
 			n.layer = l.layer
 			return nil
 		}
@@ -201,7 +201,7 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 		if err := l.fsys.MkdirAll(l.path(rel), 0o755); err != nil {
 			return err
 		}
-		l.nodes[rel] = &node{kind: "dir", mode: 0o755, layer: l.layer}
+		l.tree.set(rel, &node{kind: "dir", mode: 0o755, layer: l.layer})
 		return nil
 	case tar.TypeSymlink:
 		target := h.Linkname
@@ -209,7 +209,7 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 			return badArchive("symlink %s -> %s points outside the artifact", name, shortName(target))
 		}
 		hops := 0
-		if _, ok := resolveInTree(l.links(), splitPath(path.Dir(rel)), target, &hops); !ok {
+		if _, ok := resolveInTree(l.tree.links, splitPath(path.Dir(rel)), target, &hops); !ok {
 			return badArchive("symlink %s -> %s points outside the artifact (through the image's other links)", name, shortName(target))
 		}
 		if err := l.replace(rel); err != nil {
@@ -218,7 +218,7 @@ func (l *Layers) entry(tr *tar.Reader, h *tar.Header, seen map[string]bool) erro
 		if err := symlink(l.fsys, target, l.path(rel)); err != nil {
 			return fmt.Errorf("extract %s: %w", name, err)
 		}
-		l.nodes[rel] = &node{kind: "symlink", link: target, layer: l.layer}
+		l.tree.set(rel, &node{kind: "symlink", link: target, layer: l.layer})
 		return nil
 	case tar.TypeLink:
 		return l.hardLink(rel, name, h.Linkname)
@@ -256,7 +256,7 @@ func (l *Layers) relative(name string) (string, bool) {
 // creates missing parent directories.
 func (l *Layers) checkParents(rel, name string) error {
 	for dir := path.Dir(rel); dir != "."; dir = path.Dir(dir) {
-		switch n := l.nodes[dir]; {
+		switch n := l.tree.get(dir); {
 		case n == nil:
 		case n.kind == "symlink":
 			return badArchive("entry %s lies below symlink %s", name, dir)
@@ -265,7 +265,7 @@ func (l *Layers) checkParents(rel, name string) error {
 		}
 	}
 	var missing []string
-	for dir := path.Dir(rel); dir != "." && l.nodes[dir] == nil; dir = path.Dir(dir) {
+	for dir := path.Dir(rel); dir != "." && l.tree.get(dir) == nil; dir = path.Dir(dir) {
 		missing = append(missing, dir)
 	}
 	if len(missing) == 0 {
@@ -275,7 +275,7 @@ func (l *Layers) checkParents(rel, name string) error {
 		return err
 	}
 	for _, dir := range missing {
-		l.nodes[dir] = &node{kind: "dir", mode: 0o755, layer: l.layer}
+		l.tree.set(dir, &node{kind: "dir", mode: 0o755, layer: l.layer})
 	}
 	return nil
 }
@@ -309,7 +309,7 @@ func (l *Layers) file(tr *tar.Reader, h *tar.Header, rel, name string) error {
 	if err := l.fsys.Chmod(dst, perm); err != nil { // umask-independent
 		return err
 	}
-	l.nodes[rel] = &node{kind: "file", mode: uint32(perm), size: n, sum: hex.EncodeToString(sha.Sum(nil)), layer: l.layer}
+	l.tree.set(rel, &node{kind: "file", mode: uint32(perm), size: n, sum: hex.EncodeToString(sha.Sum(nil)), layer: l.layer})
 	return nil
 }
 
@@ -321,7 +321,7 @@ func (l *Layers) hardLink(rel, name, linkname string) error {
 		return badArchive("hard link %s -> %s: %v", name, shortName(linkname), err)
 	}
 	target, inside := l.relative(targetName)
-	src := l.nodes[target]
+	src := l.tree.get(target)
 	if !inside || target == "" || src == nil || src.kind != "file" {
 		return badArchive("hard link %s -> %s does not name a file extracted before it inside the artifact", name, shortName(linkname))
 	}
@@ -336,7 +336,7 @@ func (l *Layers) hardLink(rel, name, linkname string) error {
 	}
 	cp := *src
 	cp.layer = l.layer
-	l.nodes[rel] = &cp
+	l.tree.set(rel, &cp)
 	return nil
 }
 
@@ -358,7 +358,7 @@ func (l *Layers) whiteout(target string, opaque bool, seen map[string]bool) erro
 		}
 	}
 	if !opaque {
-		if n := l.nodes[rel]; n != nil && n.layer < l.layer {
+		if n := l.tree.get(rel); n != nil && n.layer < l.layer {
 			return l.remove(rel)
 		}
 		return nil
@@ -366,14 +366,14 @@ func (l *Layers) whiteout(target string, opaque bool, seen map[string]bool) erro
 	// Opaque: what lower layers put below rel goes; this layer's entries
 	// stay, whichever order the tar has them in.
 	var doomed []string
-	for p, n := range l.nodes {
-		if n.layer < l.layer && !seen[p] && (rel == "" || strings.HasPrefix(p, rel+"/")) {
+	l.tree.each(rel, func(p string, n *node) {
+		if n.layer < l.layer && !seen[p] {
 			doomed = append(doomed, p)
 		}
-	}
+	})
 	sort.Strings(doomed) // parents first: removing one takes its children
 	for _, p := range doomed {
-		if _, still := l.nodes[p]; still {
+		if l.tree.get(p) != nil {
 			if err := l.remove(p); err != nil {
 				return err
 			}
@@ -386,7 +386,7 @@ func (l *Layers) whiteout(target string, opaque bool, seen map[string]bool) erro
 // of the tree: deleting through a symlink would reach outside it.
 func (l *Layers) checkParentsExist(rel, name string) error {
 	for dir := path.Dir(rel); dir != "."; dir = path.Dir(dir) {
-		if n := l.nodes[dir]; n != nil && n.kind != "dir" {
+		if n := l.tree.get(dir); n != nil && n.kind != "dir" {
 			return badArchive("whiteout %s lies below %s %s", name, n.kind, dir)
 		}
 	}
@@ -396,7 +396,7 @@ func (l *Layers) checkParentsExist(rel, name string) error {
 // replace clears rel for a new entry unless it is a directory a directory
 // replaces.
 func (l *Layers) replace(rel string) error {
-	if l.nodes[rel] == nil {
+	if l.tree.get(rel) == nil {
 		return nil
 	}
 	return l.remove(rel)
@@ -404,32 +404,14 @@ func (l *Layers) replace(rel string) error {
 
 // remove deletes rel and everything below it from disk and the tree.
 func (l *Layers) remove(rel string) error {
-	n := l.nodes[rel]
-	if n == nil {
+	if l.tree.get(rel) == nil {
 		return nil
 	}
 	if err := l.fsys.RemoveAll(l.path(rel)); err != nil {
 		return fmt.Errorf("remove %s: %w", rel, err)
 	}
-	delete(l.nodes, rel)
-	if n.kind == "dir" {
-		for p := range l.nodes {
-			if strings.HasPrefix(p, rel+"/") {
-				delete(l.nodes, p)
-			}
-		}
-	}
+	l.tree.removeSubtree(rel)
 	return nil
-}
-
-func (l *Layers) links() map[string]string {
-	links := map[string]string{}
-	for p, n := range l.nodes {
-		if n.kind == "symlink" {
-			links[p] = n.link
-		}
-	}
-	return links
 }
 
 func (l *Layers) path(rel string) string {
@@ -442,23 +424,23 @@ func (l *Layers) path(rel string) string {
 func (l *Layers) Finish() (Result, error) {
 	var out Result
 	l.closer.Drain()
-	if !l.sawRoot || len(l.nodes) == 0 {
+	if !l.sawRoot || l.tree.len() == 0 {
 		return out, badArchive("the image has nothing at %s (set imagePath to where the code module is)", l.root)
 	}
-	links := l.links()
+	links := l.tree.links
 	for name, target := range links {
 		hops := 0
 		if _, ok := resolveInTree(links, splitPath(path.Dir(name)), target, &hops); !ok {
 			return out, badArchive("symlink %s -> %s points outside the artifact (through the image's other links)", name, shortName(target))
 		}
 	}
-	paths := make([]string, 0, len(l.nodes))
-	for p := range l.nodes {
+	paths := make([]string, 0, l.tree.len())
+	for p := range l.tree.nodes {
 		paths = append(paths, p)
 	}
 	sort.Strings(paths)
 	for _, p := range paths {
-		n := l.nodes[p]
+		n := l.tree.get(p)
 		switch n.kind {
 		case "dir":
 			out.Entries = append(out.Entries, storage.ManifestEntry{Path: p, Type: "dir", Mode: n.mode})

@@ -44,7 +44,7 @@ func whiteout(name string) tarEntry { return tarEntry{name: name, typ: tar.TypeR
 // in puts a path below the module's root.
 func in(p string) string { return moduleRoot + "/" + p }
 
-func makeTar(t *testing.T, entries ...tarEntry) []byte {
+func makeTar(t testing.TB, entries ...tarEntry) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -77,7 +77,7 @@ func makeTar(t *testing.T, entries ...tarEntry) []byte {
 // writeSparse writes e as archive/tar reads a PAX sparse file: an extended
 // header with GNU.sparse.* records (archive/tar writes none, so it is made
 // by hand), then the sparse map and the data.
-func writeSparse(t *testing.T, tw *tar.Writer, buf *bytes.Buffer, e tarEntry) {
+func writeSparse(t testing.TB, tw *tar.Writer, buf *bytes.Buffer, e tarEntry) {
 	t.Helper()
 	record := func(k, v string) string {
 		s := " " + k + "=" + v + "\n"
