@@ -38,10 +38,10 @@ func imageArch(arch string) string {
 // newPuller builds the registry source of an image tenant.
 // The tenant clients' request and idle timeouts apply to the registry as
 // they apply to the tenant API.
-func newPuller(t Tenant, arch string, client ClientOptions) (*registry.Puller, error) {
+func newPuller(t Tenant, arch string, client ClientOptions, limits extract.Limits) (*registry.Puller, error) {
 	return registry.New(registry.Source{Image: t.Image, PullSecretFile: t.PullSecretFile, CAFile: t.CAFile,
 		Proxy: t.Proxy, Mirrors: t.Mirrors, Arch: imageArch(arch),
-		RequestTimeout: client.RequestTimeout, IdleTimeout: client.IdleTimeout})
+		RequestTimeout: client.RequestTimeout, IdleTimeout: client.IdleTimeout, Limits: limits})
 }
 
 // imageCacheKey is where the resolution of a tag is kept: the tenant's own

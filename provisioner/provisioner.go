@@ -198,7 +198,7 @@ func New(opts Options) (*Provisioner, error) {
 			if t.Version != "latest" {
 				return nil, fmt.Errorf("tenants[%d].version %q: an image tenant follows its image's tag; put the version in image", i, t.Version)
 			}
-			puller, err := newPuller(t, opts.Arch, opts.Client)
+			puller, err := newPuller(t, opts.Arch, opts.Client, opts.Limits)
 			if err != nil {
 				return nil, fmt.Errorf("tenants[%d] %q: %w", i, t.Name, err)
 			}

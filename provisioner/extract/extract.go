@@ -32,7 +32,24 @@ type Limits struct {
 	// MaxRatio caps the expansion ratio (extracted / compressed) of the whole
 	// archive and of every entry above 1 MiB. Default 100.
 	MaxRatio float64 `json:"maxRatio,omitempty"`
+	// MaxManifestBytes caps an image manifest or index, checked before it
+	// is read (a registry's answer is read whole into memory). Default 4 MiB.
+	MaxManifestBytes int64 `json:"maxManifestBytes,omitempty"`
+	// MaxLayers caps an image's layer count. Default 128.
+	MaxLayers int `json:"maxLayers,omitempty"`
+	// MaxZstdWindow caps the window a zstd layer may declare: the decoder
+	// holds the whole window in memory, outside what Go's memory limit can
+	// reclaim. zstd's own levels use at most 8 MiB; a layer declaring more
+	// is a bad image. Default 8 MiB.
+	MaxZstdWindow int64 `json:"maxZstdWindow,omitempty"`
 }
+
+// Defaults of Limits' image bounds.
+const (
+	DefaultMaxManifestBytes = 4 << 20
+	DefaultMaxLayers        = 128
+	DefaultMaxZstdWindow    = 8 << 20
+)
 
 // Defaults fills zero fields with the defaults.
 func (l *Limits) Defaults() {
@@ -44,6 +61,15 @@ func (l *Limits) Defaults() {
 	}
 	if l.MaxRatio == 0 {
 		l.MaxRatio = 100
+	}
+	if l.MaxManifestBytes == 0 {
+		l.MaxManifestBytes = DefaultMaxManifestBytes
+	}
+	if l.MaxLayers == 0 {
+		l.MaxLayers = DefaultMaxLayers
+	}
+	if l.MaxZstdWindow == 0 {
+		l.MaxZstdWindow = DefaultMaxZstdWindow
 	}
 }
 

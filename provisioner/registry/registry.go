@@ -71,6 +71,11 @@ type Source struct {
 	// disk holds the stream back); the next registry is tried and the
 	// install retried, as for a stalled tenant. Default 60s.
 	IdleTimeout time.Duration
+	// Limits bound what a registry's answers may cost before anything is
+	// installed: MaxManifestBytes every answer but a blob (manifests,
+	// indexes, tokens), MaxLayers the layer count, MaxZstdWindow a zstd
+	// layer's window. Zero fields take extract's defaults.
+	Limits extract.Limits
 }
 
 // Defaults of Source's timeouts.
@@ -108,12 +113,13 @@ func New(src Source) (*Puller, error) {
 	if src.IdleTimeout == 0 {
 		src.IdleTimeout = DefaultIdleTimeout
 	}
+	src.Limits.Defaults()
 	t, err := Transport(src.CAFile, src.Proxy)
 	if err != nil {
 		return nil, err
 	}
 	t.ResponseHeaderTimeout = src.RequestTimeout
-	return &Puller{src: src, ref: ref, transport: t}, nil
+	return &Puller{src: src, ref: ref, transport: boundedAnswers{base: t, max: src.Limits.MaxManifestBytes}}, nil
 }
 
 // Transport is the HTTP transport to registries: the system roots plus
@@ -324,8 +330,11 @@ func (p *Puller) pullFrom(ctx context.Context, r name.Reference, opts []remote.O
 	if m.MediaType != "" && !m.MediaType.IsImage() {
 		return fmt.Errorf("%w: %s is a %s, not an image manifest", extract.ErrBadArchive, r, m.MediaType)
 	}
+	if len(m.Layers) > p.src.Limits.MaxLayers {
+		return fmt.Errorf("%w: %s has %d layers, over limits.maxLayers (%d)", extract.ErrBadArchive, r, len(m.Layers), p.src.Limits.MaxLayers)
+	}
 	for _, l := range m.Layers {
-		if _, err := decompressorFor(l.MediaType); err != nil {
+		if _, err := decompressorFor(l.MediaType, p.src.Limits); err != nil {
 			return err
 		}
 	}
@@ -338,7 +347,7 @@ func (p *Puller) pullFrom(ctx context.Context, r name.Reference, opts []remote.O
 		if err != nil {
 			return classify(r, err)
 		}
-		if err := applyLayer(ctx, cancel, p.src.IdleTimeout, tree, layer, desc, i); err != nil {
+		if err := applyLayer(ctx, cancel, p.src, tree, layer, desc, i); err != nil {
 			return err
 		}
 	}
@@ -373,7 +382,8 @@ const (
 //
 // ctx is the pull's own context: abort cancels it when a read of the blob
 // waits idle without a byte, which fails the read.
-func applyLayer(ctx context.Context, abort context.CancelCauseFunc, idle time.Duration, tree Tree, layer v1.Layer, desc v1.Descriptor, index int) error {
+func applyLayer(ctx context.Context, abort context.CancelCauseFunc, src Source, tree Tree, layer v1.Layer, desc v1.Descriptor, index int) error {
+	idle := src.IdleTimeout
 	if desc.Digest.Algorithm != "sha256" {
 		return fmt.Errorf("%w: layer %d digest %s: only sha256 is supported", extract.ErrBadArchive, index, desc.Digest)
 	}
@@ -388,7 +398,7 @@ func applyLayer(ctx context.Context, abort context.CancelCauseFunc, idle time.Du
 	defer received.Stop()
 	cr := &countingReader{r: received}
 	raw := readahead.New(cr, receivedChunk, receivedChunks)
-	decompress, _ := decompressorFor(desc.MediaType)
+	decompress, _ := decompressorFor(desc.MediaType, src.Limits)
 	plain, closeFn, derr := decompress(raw)
 	if derr == nil {
 		ahead := readahead.New(plain, readAheadChunk, readAheadChunks)
@@ -452,7 +462,7 @@ func (c *countingReader) Read(p []byte) (int, error) {
 }
 
 // decompressorFor returns how to read a layer of a media type.
-func decompressorFor(mt types.MediaType) (func(io.Reader) (io.Reader, func(), error), error) {
+func decompressorFor(mt types.MediaType, limits extract.Limits) (func(io.Reader) (io.Reader, func(), error), error) {
 	switch mt {
 	case types.OCILayer, types.DockerLayer, types.DockerForeignLayer, types.OCIRestrictedLayer:
 		return func(r io.Reader) (io.Reader, func(), error) {
@@ -464,11 +474,14 @@ func decompressorFor(mt types.MediaType) (func(io.Reader) (io.Reader, func(), er
 		}, nil
 	case types.OCILayerZStd:
 		return func(r io.Reader) (io.Reader, func(), error) {
-			z, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+			// The decoder allocates the window the frame declares; one
+			// over the bound is refused before it is allocated.
+			z, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+				zstd.WithDecoderMaxWindow(uint64(limits.MaxZstdWindow)))
 			if err != nil {
 				return nil, nil, err
 			}
-			return z, z.Close, nil
+			return zstdWindowReader{z, limits.MaxZstdWindow}, z.Close, nil
 		}, nil
 	case types.OCIUncompressedLayer, types.OCIUncompressedRestrictedLayer, "application/vnd.docker.image.rootfs.diff.tar":
 		return func(r io.Reader) (io.Reader, func(), error) { return r, func() {}, nil }, nil
