@@ -117,6 +117,11 @@ func (o *Options) defaults() {
 	if o.ExtractWorkers == 0 {
 		o.ExtractWorkers = extract.WorkersFor(o.ExtractMemory)
 	}
+	if o.Limits.MaxDirectoryBytes == 0 {
+		// A ZIP's directory is held and parsed inside the extraction's
+		// memory budget.
+		o.Limits.MaxDirectoryBytes = max(o.ExtractMemory/2, 1<<20)
+	}
 	o.Limits.Defaults()
 	o.GC.defaults()
 }

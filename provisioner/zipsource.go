@@ -87,30 +87,41 @@ func (p *Provisioner) fetchZipTail(ctx context.Context, c *Client, key storage.A
 			_ = more.Body.Close()
 			return fail(fmt.Errorf("second range answered for bytes %d of %d: %w", more.Start, more.Size, ErrUnavailable))
 		}
-		head, err := readPart(more)
-		if err != nil {
+		// One buffer for the whole directory: the rest of it is read into
+		// its front, the probe copied behind (no second copy of the
+		// directory).
+		whole := make([]byte, tail.Offset-dirStart, tail.Size-dirStart)
+		if err := readPartInto(more, whole, p.opts.Limits.MaxDirectoryBytes); err != nil {
 			return fail(err)
 		}
-		tail.Data, tail.Offset = append(head, tail.Data...), dirStart
+		tail.Data, tail.Offset = append(whole, tail.Data...), dirStart
 	}
 	return tail, whole, nil
 }
 
-// readPart reads a (small) partial answer whole.
+// readPart reads a (small) partial answer whole: the probe at the end of
+// the archive.
 func readPart(part ZipPart) ([]byte, error) {
+	if part.Length > extract.ZipTailProbe {
+		_ = part.Body.Close()
+		return nil, fmt.Errorf("partial answer of %d bytes for a probe of %d: %w", part.Length, extract.ZipTailProbe, ErrUnavailable)
+	}
+	data := make([]byte, part.Length)
+	return data, readPartInto(part, data, extract.ZipTailProbe)
+}
+
+// readPartInto reads a partial answer of exactly len(buf) bytes (at most
+// limit) into buf.
+func readPartInto(part ZipPart, buf []byte, limit int64) error {
 	defer part.Body.Close()
-	if part.Length > extract.MaxStreamedDirectory+extract.ZipTailProbe {
-		return nil, fmt.Errorf("partial answer of %d bytes: %w", part.Length, ErrUnavailable)
+	if part.Length != int64(len(buf)) || part.Length > limit {
+		return fmt.Errorf("partial answer of %d bytes, %d expected (at most %d): %w", part.Length, len(buf), limit, ErrUnavailable)
 	}
-	data, err := io.ReadAll(io.LimitReader(part.Body, part.Length+1))
-	if err != nil {
+	if _, err := io.ReadFull(part.Body, buf); err != nil {
 		//nolint:errorlint // classified by ErrUnavailable only; the cause is text
-		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+		return fmt.Errorf("%w: partial answer of %d bytes: %v", ErrUnavailable, part.Length, err)
 	}
-	if int64(len(data)) != part.Length {
-		return nil, fmt.Errorf("partial answer has %d of %d bytes: %w", len(data), part.Length, ErrUnavailable)
-	}
-	return data, nil
+	return nil
 }
 
 // installStreamed downloads key's ZIP once and extracts it on the way into

@@ -42,6 +42,13 @@ type Limits struct {
 	// reclaim. zstd's own levels use at most 8 MiB; a layer declaring more
 	// is a bad image. Default 8 MiB.
 	MaxZstdWindow int64 `json:"maxZstdWindow,omitempty"`
+	// MaxDirectoryBytes caps a ZIP's central directory, checked from its
+	// end record before the directory is read: the directory is held and
+	// parsed in memory (a 32 MiB one of 95,000 entries took 136 MiB of
+	// heap). Not a config key: the node sets it to half its extraction
+	// memory budget (extractMemory). Default 4 MiB; a code module of
+	// 15,000 files has one of about 2 MiB.
+	MaxDirectoryBytes int64 `json:"-"`
 }
 
 // Defaults of Limits' image bounds.
@@ -49,6 +56,7 @@ const (
 	DefaultMaxManifestBytes = 4 << 20
 	DefaultMaxLayers        = 128
 	DefaultMaxZstdWindow    = 8 << 20
+	DefaultMaxDirectory     = 4 << 20
 )
 
 // Defaults fills zero fields with the defaults.
@@ -70,6 +78,9 @@ func (l *Limits) Defaults() {
 	}
 	if l.MaxZstdWindow == 0 {
 		l.MaxZstdWindow = DefaultMaxZstdWindow
+	}
+	if l.MaxDirectoryBytes == 0 {
+		l.MaxDirectoryBytes = DefaultMaxDirectory
 	}
 }
 

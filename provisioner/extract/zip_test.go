@@ -325,3 +325,43 @@ func TestExtractRefusesTooManyEntriesBeforeDecodingThem(t *testing.T) {
 		})
 	}
 }
+
+// A central directory is held and parsed in memory, so its size is bounded
+// (limits.MaxDirectoryBytes, half the extraction memory budget) before it
+// is read, in both ways a ZIP is extracted. A streamed directory used to
+// be allowed 32 MiB (136 MiB of heap for 95,000 entries), one on disk
+// anything its entry count allowed.
+func TestExtractRefusesADirectoryOverItsMemory(t *testing.T) {
+	var buf bytes.Buffer
+	zw := zip.NewWriter(&buf)
+	long := strings.Repeat("n", 120)
+	for i := range 40_000 { // 40,000 headers of ~175 bytes: 7 MiB
+		if _, err := zw.CreateHeader(&zip.FileHeader{Name: fmt.Sprintf("agent/lib/%s%06d", long, i), Method: zip.Store}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	data := buf.Bytes()
+	for _, mode := range zipModes {
+		t.Run(mode.name, func(t *testing.T) {
+			fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
+			_, err := mode.extract(t, fsys, data, extract.Limits{})
+			if !errors.Is(err, extract.ErrBadArchive) || !strings.Contains(err.Error(), "extractMemory") {
+				t.Fatalf("err = %v, want a refusal naming the memory bound", err)
+			}
+			if _, err := fsys.Stat("out"); err == nil {
+				if des, _ := afero.ReadDir(fsys, "out"); len(des) > 0 {
+					t.Errorf("the refused archive left %d entries in out", len(des))
+				}
+			}
+		})
+	}
+	t.Run("within a larger budget", func(t *testing.T) {
+		fsys := afero.NewBasePathFs(afero.NewOsFs(), t.TempDir())
+		if _, err := streamBytes(t, fsys, data, extract.Limits{MaxDirectoryBytes: 16 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	})
+}

@@ -96,5 +96,8 @@ func checkZipDirectory(d zipDirectory, limits Limits) error {
 	if maxSize := uint64(limits.MaxEntries) * (centralHeaderLen + maxNameLength + 2*maxZipCommentLength); d.size > maxSize {
 		return badArchive("central directory of %d bytes exceeds what %d entries may take", d.size, limits.MaxEntries)
 	}
+	if d.size > uint64(limits.MaxDirectoryBytes) {
+		return badArchive("central directory of %d bytes is over the %d bytes it may hold in memory (half of extractMemory)", d.size, limits.MaxDirectoryBytes)
+	}
 	return nil
 }

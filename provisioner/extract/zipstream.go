@@ -26,10 +26,6 @@ import (
 // records whatever its comment: the first range to fetch.
 const ZipTailProbe = 128 << 10
 
-// MaxStreamedDirectory bounds the central directory held in memory while a
-// ZIP streams. A code module of 15,000 files has one of about 2 MiB.
-const MaxStreamedDirectory = 32 << 20
-
 // ZipTail is the end of a ZIP archive, fetched ahead of the archive (an
 // HTTP range request), so that every entry is checked against the central
 // directory before the first byte of data arrives.
@@ -72,9 +68,6 @@ func ZipTailStart(t ZipTail, limits Limits) (int64, error) {
 	}
 	if d.offset > uint64(t.Size) || d.size > uint64(t.Size)-d.offset {
 		return 0, badArchive("central directory at %d (%d bytes) lies outside the archive of %d bytes", d.offset, d.size, t.Size)
-	}
-	if d.size > MaxStreamedDirectory {
-		return 0, badArchive("central directory of %d bytes is larger than the %d bytes held in memory while streaming", d.size, MaxStreamedDirectory)
 	}
 	return int64(d.offset), nil
 }
