@@ -143,9 +143,6 @@ func (q *CloseQueue) Add(w *WriteBehind) error {
 	if err := w.f.Close(); err != nil {
 		return err
 	}
-	if unflushed == 0 {
-		return nil
-	}
 	q.mu.Lock()
 	q.pending = append(q.pending, pendingFile{path: name, bytes: unflushed})
 	q.bytes += unflushed

@@ -61,13 +61,13 @@ func tinyFiles(n int) []string {
 func TestExtractionHoldsNoDescriptorPerFile(t *testing.T) {
 	const files, bound = 3000, 64
 	names := tinyFiles(files)
+	var entries []tarEntry
+	for _, n := range names {
+		entries = append(entries, file(in(n), "x"))
+	}
+	layer := makeTar(t, entries...)
 
 	t.Run("refused image layer", func(t *testing.T) {
-		var entries []tarEntry
-		for _, n := range names {
-			entries = append(entries, file(in(n), "x"))
-		}
-		layer := makeTar(t, entries...)
 		before := openDescriptors(t)
 		fsys := &peakFs{Fs: afero.NewBasePathFs(afero.NewOsFs(), t.TempDir()), t: t}
 		l, err := extract.NewLayers(fsys, "out", moduleRoot, extract.Options{Limits: extract.Limits{MaxEntries: files - 10}})
@@ -87,11 +87,6 @@ func TestExtractionHoldsNoDescriptorPerFile(t *testing.T) {
 	})
 
 	t.Run("accepted image layer", func(t *testing.T) {
-		var entries []tarEntry
-		for _, n := range names {
-			entries = append(entries, file(in(n), "x"))
-		}
-		layer := makeTar(t, entries...)
 		before := openDescriptors(t)
 		fsys := &peakFs{Fs: afero.NewBasePathFs(afero.NewOsFs(), t.TempDir()), t: t}
 		l, err := extract.NewLayers(fsys, "out", moduleRoot, extract.Options{})
